@@ -123,6 +123,7 @@ def _narrow_impl(value, array):
 
 tap_range = njit(cache=True)(spec.tap_range)
 output_range = njit(cache=True)(spec.output_range)
+epilogue = njit(cache=True, fastmath=FASTMATH)(spec.epilogue)
 
 
 # ---------------------------------------------------------------------------
@@ -130,8 +131,8 @@ output_range = njit(cache=True)(spec.output_range)
 # ---------------------------------------------------------------------------
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
-def _forward_nhwc(x, w, out, sh, sw, dh, dw, pt, pl):
-    """x (N, H, W, C), w (KH, KW, C*M) widened, out (N, OH, OW, C*M)."""
+def _forward_nhwc(x, w, bias, act_lo, act_hi, out, sh, sw, dh, dw, pt, pl):
+    """x (N, H, W, C), w (KH, KW, C*M) widened, bias (C*M,) or empty, clamp [act_lo, act_hi], out (N, OH, OW, C*M)."""
     n_, h_, w_, c_ = x.shape
     kh_, kw_, cm = w.shape
     m_ = cm // c_
@@ -157,12 +158,12 @@ def _forward_nhwc(x, w, out, sh, sw, dh, dw, pt, pl):
                             for q in range(m_):
                                 acc[c * m_ + q] += xv * w[kh, kw, c * m_ + q]
             for j in range(cm):
-                out[n, oh, ow, j] = narrow(acc[j], out)
+                out[n, oh, ow, j] = narrow(epilogue(acc[j], bias, j, act_lo, act_hi), out)
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
-def _forward_nchw(x, w, out, sh, sw, dh, dw, pt, pl):
-    """x (N, C, H, W), w (KH, KW, C*M) widened, out (N, C*M, OH, OW)."""
+def _forward_nchw(x, w, bias, act_lo, act_hi, out, sh, sw, dh, dw, pt, pl):
+    """x (N, C, H, W), w (KH, KW, C*M) widened, bias (C*M,) or empty, clamp [act_lo, act_hi], out (N, C*M, OH, OW)."""
     n_, c_, h_, w_ = x.shape
     kh_, kw_, cm = w.shape
     m_ = cm // c_
@@ -184,7 +185,7 @@ def _forward_nchw(x, w, out, sh, sw, dh, dw, pt, pl):
                     for ow in range(lo, hi):
                         acc[ow] += widen(x[n, c, ih, ow * sw + base]) * wv
             for ow in range(ow_):
-                out[n, j, oh, ow] = narrow(acc[ow], out)
+                out[n, j, oh, ow] = narrow(epilogue(acc[ow], bias, j, act_lo, act_hi), out)
 
 
 # ---------------------------------------------------------------------------
@@ -376,10 +377,14 @@ def _run(op, geom, dtype, out, inputs, result_shape, *operands):
     return result
 
 
-def forward(x, f, geom, out=None):
+def forward(x, f, geom, out=None, bias=None, activation="linear"):
+    """Forward op; ``bias`` (C*M,) and an activation from :data:`nbdw.spec.FUSED_ACTIVATIONS`
+    are fused into the store of each output element (one pass over the output)."""
     dtype = x.dtype
+    acc = spec.accumulator_dtype(dtype)
+    bias = np.zeros(0, acc) if bias is None else np.ascontiguousarray(bias, dtype=acc)
     return _run("forward", geom, dtype, out, (x, f), geom.output_shape,
-                _kernel_view(x, dtype), _widened_filter(f, geom))
+                _kernel_view(x, dtype), _widened_filter(f, geom), bias, *spec.activation_bounds(activation, dtype))
 
 
 def backprop_input(f, dy, geom, out=None):

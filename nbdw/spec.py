@@ -34,6 +34,9 @@ __all__ = [
     "accumulator_dtype",
     "tap_range",
     "output_range",
+    "FUSED_ACTIVATIONS",
+    "activation_bounds",
+    "epilogue",
 ]
 
 DATA_FORMATS = ("NHWC", "NCHW")
@@ -376,3 +379,38 @@ def output_range(k, stride, pad, dilation, outputs, size):
     if lo > hi:
         lo = hi
     return lo, hi
+
+
+# ---------------------------------------------------------------------------
+# Fused forward epilogue (bias add and a cheap activation in the output store)
+# ---------------------------------------------------------------------------
+
+#: Activations a forward kernel can apply as it stores each output, as clamp bounds.
+FUSED_ACTIVATIONS = {
+    "linear": (-np.inf, np.inf),
+    "relu": (0.0, np.inf),
+    "relu6": (0.0, 6.0),
+}
+
+
+def activation_bounds(name, dtype):
+    """``(lo, hi)`` clamp bounds of a fusable activation, as scalars of ``dtype``'s accumulator type."""
+    if not isinstance(name, str) or name not in FUSED_ACTIVATIONS:
+        raise ValueError(f"activation must be one of {sorted(FUSED_ACTIVATIONS)} to be fused, got {name!r}")
+    acc = accumulator_dtype(dtype).type
+    lo, hi = FUSED_ACTIVATIONS[name]
+    return acc(lo), acc(hi)
+
+
+def epilogue(value, bias, j, lo, hi):
+    """Bias add and clamp for output channel ``j``; ``bias`` may be empty (no bias).
+
+    Comparisons rather than ``min``/``max`` so that NaN passes through, as in TensorFlow.
+    """
+    if bias.shape[0] != 0:
+        value += bias[j]
+    if value < lo:
+        value = lo
+    if value > hi:
+        value = hi
+    return value
