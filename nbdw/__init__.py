@@ -11,6 +11,7 @@ on disk.
 from .backends import BackendUnavailableError, available_backends
 from .ops import (
     depthwise_conv2d,
+    depthwise_conv2d_bias_activation,
     depthwise_conv2d_native,
     depthwise_conv2d_native_backprop_filter,
     depthwise_conv2d_native_backprop_input,
@@ -24,6 +25,7 @@ __all__ = [
     "Geometry",
     "available_backends",
     "depthwise_conv2d",
+    "depthwise_conv2d_bias_activation",
     "depthwise_conv2d_native",
     "depthwise_conv2d_native_backprop_filter",
     "depthwise_conv2d_native_backprop_input",

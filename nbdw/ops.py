@@ -14,6 +14,7 @@ __all__ = [
     "depthwise_conv2d_native",
     "depthwise_conv2d_native_backprop_input",
     "depthwise_conv2d_native_backprop_filter",
+    "depthwise_conv2d_bias_activation",
 ]
 
 
@@ -184,3 +185,27 @@ def depthwise_conv2d_native_backprop_filter(input, filter_sizes, out_backprop, s
     geom = spec.backprop_filter_geometry(x.shape, filter_sizes, dy.shape, strides, padding, data_format, dilations)
     _check_out(out, geom.filter_shape, dtype)
     return impl.backprop_filter(x, dy, geom, out)
+
+
+def depthwise_conv2d_bias_activation(input, filter, bias, strides, padding, data_format="NHWC",
+                                     dilations=(1, 1, 1, 1), activation="linear", *, backend="auto", out=None):
+    """Forward op with a bias add and a cheap activation fused into the output store.
+
+    ``activation(depthwise_conv2d_native(input, filter, ...) + bias)`` in one pass over the
+    output, for ``activation`` in ``"linear"``, ``"relu"``, ``"relu6"``
+    (:data:`nbdw.spec.FUSED_ACTIVATIONS`). ``bias`` has shape ``(channels * multiplier,)`` or is
+    ``None``. The other arguments are those of :func:`depthwise_conv2d_native`.
+    """
+    impl = _backend(backend, input, filter)
+    x = impl.as_array(input, "input")
+    f = impl.as_array(filter, "filter")
+    dtype = spec.check_dtypes(input=x.dtype, filter=f.dtype)
+    geom = spec.forward_geometry(x.shape, f.shape, strides, padding, data_format, dilations)
+    spec.activation_bounds(activation, dtype)
+    if bias is not None:
+        b = impl.as_array(bias, "bias")
+        if tuple(b.shape) != (geom.out_channels,):
+            raise ValueError(f"bias must have shape ({geom.out_channels},) (channels * multiplier), got {tuple(b.shape)}")
+        bias = b
+    _check_out(out, geom.output_shape, dtype)
+    return impl.forward(x, f, geom, out, bias=bias, activation=activation)
