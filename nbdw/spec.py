@@ -269,9 +269,13 @@ def _make(input_shape, filter_shape, strides, padding, data_format, dilations, i
     dh, dw = _spatial_pair("dilations", [1, 1, 1, 1] if dilations is None else dilations, data_format)
     eff_h, eff_w = (kh - 1) * dh + 1, (kw - 1) * dw + 1
     (pt, pb), (pl, pr) = _padding_amounts(padding, data_format, (h, w), (eff_h, eff_w), (sh, sw))
+    same = isinstance(padding, str) and padding.upper() == "SAME"
     out_hw = []
     for axis, size, lo, hi, eff, stride in (("height", h, pt, pb, eff_h, sh), ("width", w, pl, pr, eff_w, sw)):
         padded = size + lo + hi
+        if same:  # TF: ceil(in / stride), which is 0 for an empty axis
+            out_hw.append(-(-size // stride))
+            continue
         if padded < eff:
             raise ValueError(
                 f"the effective filter {axis} {eff} (filter size with dilation) exceeds the padded "

@@ -10,6 +10,7 @@ All functions take and return NHWC/HWCM arrays in float64; ``to_nhwc``/``from_nh
 convert layouts for NCHW callers.
 """
 
+import ml_dtypes
 import numpy as np
 
 
@@ -130,3 +131,30 @@ def tf_backprop_filter(x, filter_sizes, dy, strides, padding, data_format="NHWC"
     xn = to_nhwc(x, data_format)
     args = _setup(xn.shape, filter_sizes, strides, padding, data_format, dilations)
     return backprop_filter(xn, filter_sizes, to_nhwc(dy, data_format), *args)
+
+
+# Tolerances: inputs are exact in their dtype, so the error of an element is at most the
+# accumulation error (terms * unit roundoff of the accumulator) plus one rounding of the result,
+# both relative to the sum of absolute terms (the reference applied to |x|, |f|).
+
+UNIT_ROUNDOFF = {"float16": 2.0 ** -11, "bfloat16": 2.0 ** -8, "float32": 2.0 ** -24, "float64": 2.0 ** -53}
+
+
+def assert_close(actual, expected, abs_terms, dtype, terms, what="result"):
+    """Assert ``|actual - expected| <= 2 * (u_out + terms * u_acc) * abs_terms`` elementwise."""
+    name = np.dtype(dtype).name
+    u_out = UNIT_ROUNDOFF[name]
+    u_acc = UNIT_ROUNDOFF["float64" if name == "float64" else "float32"]
+    actual = np.asarray(actual).astype(np.float64)
+    expected = np.asarray(expected, np.float64)
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    # plus the absolute spacing of subnormals, where relative precision runs out
+    tiny = float(ml_dtypes.finfo(np.dtype(dtype)).smallest_subnormal)
+    bound = 2 * (u_out + terms * u_acc) * np.asarray(abs_terms, np.float64) + tiny
+    err = np.abs(actual - expected)
+    bad = ~(err <= bound)
+    if bad.any():
+        i = tuple(np.argwhere(bad)[0])
+        raise AssertionError(
+            f"{what} ({name}): {bad.sum()} of {bad.size} elements off; first at {i}: "
+            f"got {actual[i]!r}, expected {expected[i]!r}, bound {bound[i]!r}")
