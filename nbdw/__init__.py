@@ -5,9 +5,10 @@ The ops mirror ``tf.nn``: :func:`depthwise_conv2d`, :func:`depthwise_conv2d_nati
 :func:`depthwise_conv2d_native_backprop_filter`. NumPy arrays run on the CPU
 backend; objects with ``__cuda_array_interface__`` run on the CUDA backend.
 Importing nbdw compiles nothing: each kernel compiles on first use and is cached
-on disk.
+on disk. :class:`nbdw.layers.DepthwiseConv2D` is a Keras-style layer built on the ops.
 """
 
+from . import layers  # the Keras-style layer: nbdw.layers.DepthwiseConv2D (compiles nothing on import)
 from .backends import BackendUnavailableError, available_backends
 from .ops import (
     depthwise_conv2d,
