@@ -315,20 +315,24 @@ def test_inputs_are_cast_to_the_layer_dtype():
     _assert_close(y, naive.tf_forward(x.astype(np.float64), np.ones((2, 2, 2, 1)), [1, 1, 1, 1], "VALID"))
 
 
-def test_float16_layer_trains_close_to_reference():
+@pytest.mark.parametrize("dtype, rtol", [(np.float16, 4e-3), (ml_dtypes.bfloat16, 3e-2)], ids=["float16", "bfloat16"])
+def test_half_precision_layer_trains_close_to_reference(dtype, rtol):
     """Half-precision weights and data; elementwise work and accumulation in float32."""
     rng = np.random.default_rng(5)
-    layer = DepthwiseConv2D(3, padding="same", activation="gelu", dtype="float16", depthwise_regularizer="l2")
-    x = _input(rng, layer, dtype=np.float16)
+    layer = DepthwiseConv2D(3, padding="same", activation="gelu", dtype=dtype, depthwise_regularizer="l2")
+    x = _input(rng, layer, dtype=dtype)
     y = layer(x)
-    assert y.dtype == np.float16
-    dy = rng.standard_normal(y.shape).astype(np.float16)
+    assert y.dtype == dtype
+    dy = rng.standard_normal(y.shape).astype(dtype)
     ref = reference(layer, x, dy, "gelu", kernel_reg=ref_l1l2(0.0, 0.01))
-    _assert_close(layer(x), ref["y"], 4e-3, "float16 output")
+    _assert_close(y, ref["y"], rtol, "output")
     dx = layer.backward(dy)
-    assert dx.dtype == np.float16 and layer.gradients["bias"].dtype == np.float16
-    _assert_close(dx, ref["dx"], 1e-2, "float16 input gradient")
-    _assert_close(layer.gradients["depthwise_kernel"], ref["dk"], 1e-2, "float16 kernel gradient")
+    assert dx.dtype == dtype and layer.gradients["bias"].dtype == dtype
+    _assert_close(dx, ref["dx"], 2.5 * rtol, "input gradient")
+    _assert_close(layer.gradients["depthwise_kernel"], ref["dk"], 2.5 * rtol, "kernel gradient")
+    _assert_close(layer.gradients["bias"], ref["db"], 2.5 * rtol, "bias gradient")
+    layer.apply_gradients(0.1)
+    assert layer.depthwise_kernel.dtype == dtype
 
 
 def test_no_bias():
