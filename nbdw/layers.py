@@ -398,7 +398,8 @@ class DepthwiseConv2D:
         y_work = kind.work(y).astype(acc, copy=False)
         dy = kind.work(dy)
         if tuple(dy.shape) != tuple(y_work.shape):
-            raise ValueError(f"{self.name}: dy must have the output's shape {tuple(y_work.shape)}, got {tuple(dy.shape)}")
+            raise ValueError(
+                f"{self.name}: dy must have the output's shape {tuple(y_work.shape)}, got {tuple(dy.shape)}")
         grad = dy.astype(acc, copy=False)
         if self.activity_regularizer is not None and x.shape[0]:
             grad = grad + _gradient_of(self.activity_regularizer, "activity_regularizer", y_work) / acc.type(x.shape[0])

@@ -34,7 +34,8 @@ def _factor(value, name):
     """Keras's check: a non-negative finite number."""
     if (not isinstance(value, (numbers.Real, np.floating, np.integer)) or isinstance(value, (bool, np.bool_))
             or math.isinf(value) or math.isnan(value) or value < 0):
-        raise ValueError(f"Invalid value for argument {name}: expected a non-negative float. Received: {name}={value!r}")
+        raise ValueError(
+            f"Invalid value for argument {name}: expected a non-negative float. Received: {name}={value!r}")
     return float(value)
 
 

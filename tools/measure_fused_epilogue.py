@@ -5,8 +5,8 @@
 Fused: ``nbdw.depthwise_conv2d_bias_activation(..., activation="relu")``, one pass over the
 output. Unfused: the convolution, then the bias add, then relu, as separate NumPy passes,
 both as a framework would run them (each op allocating its result) and in place. The
-convolution alone is timed too, for context. All run interleaved, round after round, so that machine noise hits them alike; medians are
-reported. Prints a Markdown table row for docs/layers.md.
+convolution alone is timed too, for context. All run interleaved, round after round, so that
+machine noise hits them alike; medians are reported. Prints a Markdown table row for docs/layers.md.
 """
 
 import argparse
