@@ -1,0 +1,929 @@
+"""CUDA backend: numba-cuda kernels for the three depthwise ops.
+
+The twin of :mod:`nbdw.cpu`, with the same module interface (``unavailable_reason``,
+``as_array``, ``forward``, ``backprop_input``, ``backprop_filter``). Geometry and
+validation come from :mod:`nbdw.spec`; the index helpers :func:`nbdw.spec.tap_range`,
+:func:`nbdw.spec.output_range` and the fused :func:`nbdw.spec.epilogue` are compiled
+here with ``cuda.jit(device=True)``, so the index arithmetic is written once.
+
+Kernel design (see ``docs/gpu.md`` for the reasoning and the bytes moved):
+
+* Depthwise convolution is memory-bound, so every kernel reads its inputs and writes its
+  result once, coalesced: NHWC kernels put consecutive threads on consecutive channels,
+  NCHW kernels on consecutive pixels of one plane (consecutive width).
+* Forward and backprop input are gathers (one thread computes one result element, no
+  atomics). A block first stages its filter taps, widened to the accumulator type, in
+  shared memory; blocks whose taps would not fit read them from global memory instead.
+* Backprop filter is deterministic: stage 1 writes one partial sum per (slice of output
+  rows, tap, channel) to a buffer, stage 2 adds the slices in a fixed order. No
+  floating-point atomics, so the result is bitwise repeatable for a given shape and
+  :data:`CONFIG`.
+* float16 travels natively (``cuda_fp16``) and bfloat16 as its int16 bit pattern
+  (:func:`nbdw.spec.storage_dtype`); both accumulate in float32.
+* Pixel indices are int64, so tensors of more than 2**31 elements index correctly.
+
+All launch parameters live in :class:`LaunchConfig` (module-level :data:`CONFIG`), so the
+tests can force tiny blocks that exercise many blocks and many partial-sum slices under
+the CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import math
+
+import ml_dtypes
+import numpy as np
+
+from . import spec
+
+try:  # the NVIDIA-maintained CUDA target; numba's built-in numba.cuda is deprecated
+    import numba_cuda  # noqa: F401
+except ImportError:
+    cuda = None
+else:
+    from numba import cuda
+
+__all__ = [
+    "LaunchConfig",
+    "CONFIG",
+    "launch_config",
+    "unavailable_reason",
+    "as_array",
+    "forward",
+    "backprop_input",
+    "backprop_filter",
+]
+
+_BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
+
+
+# ---------------------------------------------------------------------------
+# Launch configuration: the one place for block sizes and work per thread
+# ---------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class LaunchConfig:
+    """Block sizes and work splits of every CUDA kernel.
+
+    The defaults aim at current NVIDIA GPUs (warps of 32, 48 KiB of static shared memory
+    per block). Tests shrink them so that tiny problems still span many blocks.
+
+    Attributes
+    ----------
+    block_threads : int
+        Threads per block of the forward and backprop-input kernels.
+    channel_lanes : int
+        NHWC: most threads of a block along the channel axis (the coalesced axis). Fewer
+        are used when there are fewer channels.
+    width_lanes : int
+        NCHW backprop filter: threads along the output width; a power of two (tree
+        reduction).
+    pixels_per_thread : int
+        Forward and backprop input: result pixels one thread computes, so that a block's
+        staged filter taps are reused.
+    filter_tap_rows : int
+        Backprop filter: filter taps a block works on side by side (block y size).
+    filter_rows_per_slice : int
+        Backprop filter: output rows (batch x height) summed into one partial slice.
+    filter_max_slices : int
+        Backprop filter: upper bound on the number of partial slices (the size of the
+        partial buffer and the length of the fixed-order reduction).
+    reduce_threads, copy_threads : int
+        Threads per block of the partial-sum reduction and of the strided-copy kernel.
+    max_shared_bytes : int
+        Filter taps are staged in shared memory only when they fit in this many bytes.
+    """
+
+    block_threads: int = 256
+    channel_lanes: int = 32
+    width_lanes: int = 32
+    pixels_per_thread: int = 8
+    filter_tap_rows: int = 8
+    filter_rows_per_slice: int = 4
+    filter_max_slices: int = 2048
+    reduce_threads: int = 256
+    copy_threads: int = 256
+    max_shared_bytes: int = 48 * 1024
+
+    def __post_init__(self):
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"LaunchConfig.{field.name} must be a positive integer, got {value!r}")
+        if self.width_lanes & (self.width_lanes - 1):
+            raise ValueError(f"LaunchConfig.width_lanes must be a power of two, got {self.width_lanes}")
+        if self.filter_max_slices > 65535:
+            raise ValueError(f"LaunchConfig.filter_max_slices must be <= 65535 (grid y limit), "
+                             f"got {self.filter_max_slices}")
+        for name in ("block_threads", "reduce_threads", "copy_threads"):
+            if getattr(self, name) > 1024:
+                raise ValueError(f"LaunchConfig.{name} must be <= 1024 (threads per block), got {getattr(self, name)}")
+        for name in ("channel_lanes", "width_lanes"):
+            if getattr(self, name) * self.filter_tap_rows > 1024:
+                raise ValueError(f"LaunchConfig.{name} * filter_tap_rows must be <= 1024 (threads per block), "
+                                 f"got {getattr(self, name)} * {self.filter_tap_rows}")
+
+
+#: The launch configuration every op reads at call time.
+CONFIG = LaunchConfig()
+
+
+@contextlib.contextmanager
+def launch_config(**changes):
+    """Temporarily replace fields of :data:`CONFIG`, e.g. ``with launch_config(block_threads=8): ...``."""
+    global CONFIG
+    previous = CONFIG
+    CONFIG = dataclasses.replace(previous, **changes)
+    try:
+        yield CONFIG
+    finally:
+        CONFIG = previous
+
+
+# ---------------------------------------------------------------------------
+# Availability
+# ---------------------------------------------------------------------------
+
+def unavailable_reason():
+    """``None`` when the CUDA backend can run here, else why not (which of numba-cuda or a GPU is missing)."""
+    if cuda is None:
+        return ("numba-cuda is not installed; install it with `pip install 'nbdw[cuda]'` "
+                "(nbdw does not use the deprecated numba.cuda built into numba)")
+    if getattr(cuda, "implementation", None) != "NVIDIA":
+        return ("numba-cuda is installed but `numba.cuda` resolves to numba's deprecated built-in "
+                "CUDA target; reinstall numba-cuda (`pip install 'nbdw[cuda]'`)")
+    if not cuda.is_available():
+        error = cuda.cuda_error()
+        detail = f": {str(error).strip()}" if error else ""
+        return ("numba-cuda is installed, but no usable CUDA GPU or driver was found" + detail
+                + " (set NUMBA_ENABLE_CUDASIM=1 before importing numba to use the CUDA simulator)")
+    return None
+
+
+def _simulating() -> bool:
+    from numba.cuda.core import config as cuda_config
+
+    return bool(cuda_config.ENABLE_CUDASIM)
+
+
+# ---------------------------------------------------------------------------
+# Element conversions (compiled as device functions by _device())
+# ---------------------------------------------------------------------------
+
+def _widen_to_f32(value):
+    return np.float32(value)
+
+
+def _widen_to_f64(value):
+    return np.float64(value)
+
+
+def _narrow_to_f16(value):
+    return np.float16(value)  # cvt.rn.f16.f32: round to nearest even
+
+
+def _narrow_to_f32(value):
+    return np.float32(value)
+
+
+def _narrow_to_f64(value):
+    return np.float64(value)
+
+
+def _bf16_bits_to_f32(bits):
+    """bfloat16 is the top half of a float32."""
+    return _int_as_float(np.int32((np.int64(bits) & 0xFFFF) << 16))
+
+
+def _f32_to_bf16_bits(value):
+    """Round to nearest, ties to even, as ml_dtypes, TensorFlow and the CPU backend do; NaN stays quiet NaN."""
+    value = np.float32(value)
+    bits = np.int64(np.uint32(_float_as_int(value)))
+    if value != value:
+        return np.int16((bits >> 16) | 0x40)
+    return np.int16((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16)
+
+
+# Bit reinterpretation: libdevice on the GPU; NumPy scalar views in the simulator, which
+# runs kernels as Python. Everything around these two is shared by both.
+def _float_as_int(value):
+    return np.float32(value).view(np.int32)
+
+
+def _int_as_float(value):
+    return np.int32(value).view(np.float32)
+
+
+if cuda is not None and not _simulating():
+    from numba.cuda import libdevice
+
+    _float_as_int = libdevice.float_as_int  # noqa: F811
+    _int_as_float = libdevice.int_as_float  # noqa: F811
+
+
+# dtype name -> (widen, narrow, accumulator type); widen/narrow are names in _device().
+_KINDS = {
+    "float16": ("widen_f32", "narrow_f16", np.float32),
+    "bfloat16": ("widen_bf16", "narrow_bf16", np.float32),
+    "float32": ("widen_f32", "narrow_f32", np.float32),
+    "float64": ("widen_f64", "narrow_f64", np.float64),
+}
+
+
+def kernel_dtype(dtype) -> np.dtype:
+    """The dtype a CUDA kernel sees for ``dtype`` data.
+
+    float16 stays float16 (the CUDA target has native half conversions); bfloat16 becomes
+    its int16 bit pattern, :func:`nbdw.spec.storage_dtype`.
+    """
+    dtype = np.dtype(dtype)
+    return dtype if dtype == np.float16 else spec.storage_dtype(dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _device():
+    """Device functions, compiled lazily so that importing this module needs no GPU."""
+    device = cuda.jit(device=True)
+    return {
+        "tap_range": device(spec.tap_range),
+        "output_range": device(spec.output_range),
+        "epilogue": device(spec.epilogue),
+        "widen_f32": device(_widen_to_f32),
+        "widen_f64": device(_widen_to_f64),
+        "widen_bf16": device(_bf16_bits_to_f32),
+        "narrow_f16": device(_narrow_to_f16),
+        "narrow_f32": device(_narrow_to_f32),
+        "narrow_f64": device(_narrow_to_f64),
+        "narrow_bf16": device(_f32_to_bf16_bits),
+    }
+
+
+def _kind(dtype_name):
+    """(widen, narrow, accumulator scalar type, accumulator numba type for shared arrays)."""
+    from numba.core import types
+
+    widen, narrow, acc_t = _KINDS[dtype_name]
+    d = _device()
+    return d[widen], d[narrow], acc_t, types.float64 if acc_t is np.float64 else types.float32
+
+
+# ---------------------------------------------------------------------------
+# Forward (one thread per output element; filter taps staged in shared memory)
+# ---------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def _forward_kernel(data_format, dtype_name, staged):
+    widen, narrow, acc_t, acc_nb = _kind(dtype_name)
+    d = _device()
+    tap_range, epilogue = d["tap_range"], d["epilogue"]
+
+    if data_format == "NHWC":
+        @cuda.jit
+        def kernel(x, w, bias, act_lo, act_hi, out, sh, sw, dh, dw, pt, pl, chunk):
+            """x (N,H,W,C), w (KH,KW,C*M), out (N,OH,OW,C*M). Block: lanes over channels x rows over pixels;
+            grid: (pixel chunks, channel tiles)."""
+            n_, h_, w_, c_ = x.shape
+            kh_, kw_, cm = w.shape
+            m_ = cm // c_
+            oh_, ow_ = out.shape[1], out.shape[2]
+            lanes = cuda.blockDim.x
+            tx = cuda.threadIdx.x
+            ty = cuda.threadIdx.y
+            j0 = cuda.blockIdx.y * lanes
+            j = j0 + tx
+            taps = cuda.shared.array(0, acc_nb)  # [tap][lane], this block's channels
+            if staged:
+                for i in range(ty * lanes + tx, kh_ * kw_ * lanes, lanes * cuda.blockDim.y):
+                    t = i // lanes
+                    jj = j0 + i - t * lanes
+                    if jj < cm:
+                        kh = t // kw_
+                        taps[i] = widen(w[kh, t - kh * kw_, jj])
+                cuda.syncthreads()
+            if j < cm:
+                c = j // m_
+                start = np.int64(cuda.blockIdx.x) * chunk
+                stop = min(start + chunk, np.int64(n_) * oh_ * ow_)
+                for p in range(start + ty, stop, cuda.blockDim.y):
+                    q = p // ow_
+                    ow = p - q * ow_
+                    n = q // oh_
+                    oh = q - n * oh_
+                    kh_lo, kh_hi = tap_range(oh, sh, pt, dh, kh_, h_)
+                    kw_lo, kw_hi = tap_range(ow, sw, pl, dw, kw_, w_)
+                    acc = acc_t(0)
+                    for kh in range(kh_lo, kh_hi):
+                        ih = oh * sh - pt + kh * dh
+                        for kw in range(kw_lo, kw_hi):
+                            iw = ow * sw - pl + kw * dw
+                            if staged:
+                                wv = taps[(kh * kw_ + kw) * lanes + tx]
+                            else:
+                                wv = widen(w[kh, kw, j])
+                            acc += widen(x[n, ih, iw, c]) * wv
+                    out[n, oh, ow, j] = narrow(epilogue(acc, bias, j, act_lo, act_hi))
+    else:
+        @cuda.jit
+        def kernel(x, w, bias, act_lo, act_hi, out, sh, sw, dh, dw, pt, pl, chunk):
+            """x (N,C,H,W), w (KH,KW,C*M), out (N,C*M,OH,OW). Block: threads over one plane's pixels
+            (row-major, so consecutive threads read consecutive columns); grid: (planes, pixel chunks)."""
+            n_, c_, h_, w_ = x.shape
+            kh_, kw_, cm = w.shape
+            m_ = cm // c_
+            oh_, ow_ = out.shape[2], out.shape[3]
+            plane = np.int64(cuda.blockIdx.x)
+            n = plane // cm
+            j = plane - n * cm
+            c = j // m_
+            tid = cuda.threadIdx.x
+            threads = cuda.blockDim.x
+            taps = cuda.shared.array(0, acc_nb)  # this plane's KH*KW taps
+            if staged:
+                for t in range(tid, kh_ * kw_, threads):
+                    kh = t // kw_
+                    taps[t] = widen(w[kh, t - kh * kw_, j])
+                cuda.syncthreads()
+            start = np.int64(cuda.blockIdx.y) * chunk
+            stop = min(start + chunk, np.int64(oh_) * ow_)
+            for p in range(start + tid, stop, threads):
+                oh = p // ow_
+                ow = p - oh * ow_
+                kh_lo, kh_hi = tap_range(oh, sh, pt, dh, kh_, h_)
+                kw_lo, kw_hi = tap_range(ow, sw, pl, dw, kw_, w_)
+                acc = acc_t(0)
+                for kh in range(kh_lo, kh_hi):
+                    ih = oh * sh - pt + kh * dh
+                    for kw in range(kw_lo, kw_hi):
+                        if staged:
+                            wv = taps[kh * kw_ + kw]
+                        else:
+                            wv = widen(w[kh, kw, j])
+                        acc += widen(x[n, c, ih, ow * sw - pl + kw * dw]) * wv
+                out[n, j, oh, ow] = narrow(epilogue(acc, bias, j, act_lo, act_hi))
+
+    return kernel
+
+
+# ---------------------------------------------------------------------------
+# Backprop input (gather: one thread per input element sums the outputs it fed)
+# ---------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def _backprop_input_kernel(data_format, dtype_name, staged):
+    widen, narrow, acc_t, acc_nb = _kind(dtype_name)
+
+    if data_format == "NHWC":
+        @cuda.jit
+        def kernel(dy, w, dx, sh, sw, dh, dw, pt, pl, chunk):
+            """dy (N,OH,OW,C*M), w (KH,KW,C*M), dx (N,H,W,C). Block: lanes over input channels x rows over
+            pixels; grid: (pixel chunks, channel tiles)."""
+            n_, h_, w_, c_ = dx.shape
+            kh_, kw_, cm = w.shape
+            m_ = cm // c_
+            oh_, ow_ = dy.shape[1], dy.shape[2]
+            lanes = cuda.blockDim.x
+            tx = cuda.threadIdx.x
+            ty = cuda.threadIdx.y
+            c0 = cuda.blockIdx.y * lanes
+            c = c0 + tx
+            width = lanes * m_
+            taps = cuda.shared.array(0, acc_nb)  # [tap][lane][q]
+            if staged:
+                for i in range(ty * lanes + tx, kh_ * kw_ * width, lanes * cuda.blockDim.y):
+                    t = i // width
+                    jj = c0 * m_ + i - t * width
+                    if jj < cm:
+                        kh = t // kw_
+                        taps[i] = widen(w[kh, t - kh * kw_, jj])
+                cuda.syncthreads()
+            if c < c_:
+                start = np.int64(cuda.blockIdx.x) * chunk
+                stop = min(start + chunk, np.int64(n_) * h_ * w_)
+                for p in range(start + ty, stop, cuda.blockDim.y):
+                    q = p // w_
+                    iw = p - q * w_
+                    n = q // h_
+                    ih = q - n * h_
+                    acc = acc_t(0)
+                    for kh in range(kh_):
+                        t = ih + pt - kh * dh  # = oh * sh for the output this tap came from
+                        if t < 0:
+                            break
+                        oh = t // sh
+                        if oh * sh != t or oh >= oh_:
+                            continue
+                        for kw in range(kw_):
+                            u = iw + pl - kw * dw
+                            if u < 0:
+                                break
+                            ow = u // sw
+                            if ow * sw != u or ow >= ow_:
+                                continue
+                            base = (kh * kw_ + kw) * width + tx * m_
+                            for q in range(m_):
+                                if staged:
+                                    wv = taps[base + q]
+                                else:
+                                    wv = widen(w[kh, kw, c * m_ + q])
+                                acc += widen(dy[n, oh, ow, c * m_ + q]) * wv
+                    dx[n, ih, iw, c] = narrow(acc)
+    else:
+        @cuda.jit
+        def kernel(dy, w, dx, sh, sw, dh, dw, pt, pl, chunk):
+            """dy (N,C*M,OH,OW), w (KH,KW,C*M), dx (N,C,H,W). Block: threads over one input plane's pixels;
+            grid: (planes, pixel chunks)."""
+            n_, c_, h_, w_ = dx.shape
+            kh_, kw_, cm = w.shape
+            m_ = cm // c_
+            oh_, ow_ = dy.shape[2], dy.shape[3]
+            plane = np.int64(cuda.blockIdx.x)
+            n = plane // c_
+            c = plane - n * c_
+            tid = cuda.threadIdx.x
+            threads = cuda.blockDim.x
+            taps = cuda.shared.array(0, acc_nb)  # [tap][q] of channel c
+            if staged:
+                for i in range(tid, kh_ * kw_ * m_, threads):
+                    t = i // m_
+                    kh = t // kw_
+                    taps[i] = widen(w[kh, t - kh * kw_, c * m_ + i - t * m_])
+                cuda.syncthreads()
+            start = np.int64(cuda.blockIdx.y) * chunk
+            stop = min(start + chunk, np.int64(h_) * w_)
+            for p in range(start + tid, stop, threads):
+                ih = p // w_
+                iw = p - ih * w_
+                acc = acc_t(0)
+                for kh in range(kh_):
+                    t = ih + pt - kh * dh
+                    if t < 0:
+                        break
+                    oh = t // sh
+                    if oh * sh != t or oh >= oh_:
+                        continue
+                    for kw in range(kw_):
+                        u = iw + pl - kw * dw
+                        if u < 0:
+                            break
+                        ow = u // sw
+                        if ow * sw != u or ow >= ow_:
+                            continue
+                        for q in range(m_):
+                            if staged:
+                                wv = taps[(kh * kw_ + kw) * m_ + q]
+                            else:
+                                wv = widen(w[kh, kw, c * m_ + q])
+                            acc += widen(dy[n, c * m_ + q, oh, ow]) * wv
+                dx[n, c, ih, iw] = narrow(acc)
+
+    return kernel
+
+
+# ---------------------------------------------------------------------------
+# Backprop filter: stage 1 writes per-slice partial sums, stage 2 adds the slices in order
+# ---------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def _backprop_filter_kernel(data_format, dtype_name):
+    widen, _, acc_t, acc_nb = _kind(dtype_name)
+    output_range = _device()["output_range"]
+
+    if data_format == "NHWC":
+        @cuda.jit
+        def kernel(x, dy, partial, sh, sw, dh, dw, pt, pl):
+            """x (N,H,W,C), dy (N,OH,OW,C*M), partial (S,KH,KW,C*M). Block: lanes over channels x rows over
+            taps; grid: (slices of the N*OH output rows, channel tiles). Each thread owns one
+            (slice, tap, channel) sum, so no two threads write the same partial."""
+            n_, h_, w_, c_ = x.shape
+            slices, kh_, kw_, cm = partial.shape
+            m_ = cm // c_
+            oh_, ow_ = dy.shape[1], dy.shape[2]
+            s = np.int64(cuda.blockIdx.x)
+            j = cuda.blockIdx.y * cuda.blockDim.x + cuda.threadIdx.x
+            if j < cm:
+                c = j // m_
+                rows = np.int64(n_) * oh_
+                r0 = s * rows // slices
+                r1 = (s + 1) * rows // slices
+                for t in range(cuda.threadIdx.y, kh_ * kw_, cuda.blockDim.y):
+                    kh = t // kw_
+                    kw = t - kh * kw_
+                    lo, hi = output_range(kw, sw, pl, dw, ow_, w_)
+                    base = kw * dw - pl
+                    acc = acc_t(0)
+                    for r in range(r0, r1):
+                        n = r // oh_
+                        oh = r - n * oh_
+                        ih = oh * sh - pt + kh * dh
+                        if ih >= 0 and ih < h_:
+                            for ow in range(lo, hi):
+                                acc += widen(x[n, ih, ow * sw + base, c]) * widen(dy[n, oh, ow, j])
+                    partial[s, kh, kw, j] = acc
+    else:
+        @cuda.jit
+        def kernel(x, dy, partial, sh, sw, dh, dw, pt, pl):
+            """x (N,C,H,W), dy (N,C*M,OH,OW), partial (S,KH,KW,C*M). Block: lanes over output columns x rows
+            over taps, lanes summed by a shared-memory tree in a fixed order; grid: (C*M planes, slices)."""
+            n_, c_, h_, w_ = x.shape
+            slices, kh_, kw_, cm = partial.shape
+            m_ = cm // c_
+            oh_, ow_ = dy.shape[2], dy.shape[3]
+            j = np.int64(cuda.blockIdx.x)
+            c = j // m_
+            s = np.int64(cuda.blockIdx.y)
+            lanes = cuda.blockDim.x
+            tx = cuda.threadIdx.x
+            ty = cuda.threadIdx.y
+            red = cuda.shared.array(0, acc_nb)  # [tap row][lane]
+            rows = np.int64(n_) * oh_
+            r0 = s * rows // slices
+            r1 = (s + 1) * rows // slices
+            for t0 in range(0, kh_ * kw_, cuda.blockDim.y):  # the same trip count in every thread
+                t = t0 + ty
+                kh = t // kw_
+                kw = t - kh * kw_
+                acc = acc_t(0)
+                if t < kh_ * kw_:
+                    lo, hi = output_range(kw, sw, pl, dw, ow_, w_)
+                    base = kw * dw - pl
+                    for r in range(r0, r1):
+                        n = r // oh_
+                        oh = r - n * oh_
+                        ih = oh * sh - pt + kh * dh
+                        if ih >= 0 and ih < h_:
+                            for ow in range(lo + tx, hi, lanes):
+                                acc += widen(x[n, c, ih, ow * sw + base]) * widen(dy[n, j, oh, ow])
+                red[ty * lanes + tx] = acc
+                cuda.syncthreads()
+                half = lanes // 2
+                while half > 0:
+                    if tx < half:
+                        red[ty * lanes + tx] += red[ty * lanes + tx + half]
+                    cuda.syncthreads()
+                    half //= 2
+                if tx == 0 and t < kh_ * kw_:
+                    partial[s, kh, kw, j] = red[ty * lanes]
+                cuda.syncthreads()
+
+    return kernel
+
+
+@functools.lru_cache(maxsize=None)
+def _reduce_kernel(dtype_name):
+    _, narrow, _, _ = _kind(dtype_name)
+
+    @cuda.jit
+    def kernel(partial, out):
+        """partial (S, E) -> out (E,): slice 0 + slice 1 + ... in that order, one rounding at the end."""
+        i = np.int64(cuda.blockIdx.x) * cuda.blockDim.x + cuda.threadIdx.x
+        if i < out.shape[0]:
+            acc = partial[0, i]
+            for s in range(1, partial.shape[0]):
+                acc += partial[s, i]
+            out[i] = narrow(acc)
+
+    return kernel
+
+
+# ---------------------------------------------------------------------------
+# Small helper kernels: strided copies and the bias conversion
+# ---------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def _copy_kernel(ndim):
+    if ndim == 4:
+        @cuda.jit
+        def kernel(src, dst):
+            d0, d1, d2, d3 = dst.shape
+            i = np.int64(cuda.blockIdx.x) * cuda.blockDim.x + cuda.threadIdx.x
+            step = np.int64(cuda.gridDim.x) * cuda.blockDim.x
+            total = np.int64(d0) * d1 * d2 * d3
+            while i < total:
+                r = i
+                a3 = r % d3
+                r //= d3
+                a2 = r % d2
+                r //= d2
+                a1 = r % d1
+                a0 = r // d1
+                dst[a0, a1, a2, a3] = src[a0, a1, a2, a3]
+                i += step
+    else:
+        @cuda.jit
+        def kernel(src, dst):
+            i = np.int64(cuda.blockIdx.x) * cuda.blockDim.x + cuda.threadIdx.x
+            step = np.int64(cuda.gridDim.x) * cuda.blockDim.x
+            while i < dst.shape[0]:
+                dst[i] = src[i]
+                i += step
+    return kernel
+
+
+@functools.lru_cache(maxsize=None)
+def _widen_kernel(dtype_name):
+    """Bias of a supported float dtype -> accumulator dtype, on the device."""
+    widen, _, _, _ = _kind(dtype_name)
+
+    @cuda.jit
+    def kernel(src, dst):
+        i = np.int64(cuda.blockIdx.x) * cuda.blockDim.x + cuda.threadIdx.x
+        if i < dst.shape[0]:
+            dst[i] = widen(src[i])
+
+    return kernel
+
+
+# ---------------------------------------------------------------------------
+# Launch planning (pure Python: what the tests inspect)
+# ---------------------------------------------------------------------------
+
+_MAX_GRID_X = 2**31 - 1
+_MAX_GRID_Y = 65535
+
+
+def _ceil_div(a, b):
+    return -(-a // b)
+
+
+def _pow2_at_least(n):
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """One kernel launch: grid, block, dynamic shared bytes, pixels per block (``chunk``), staging."""
+
+    grid: tuple
+    block: tuple
+    shared_bytes: int = 0
+    chunk: int = 0
+    staged: bool = False
+    slices: int = 0
+
+
+def _gather_plan(layout_nhwc, pixels, planes, lanes_of, tile_values, acc_size, cfg):
+    """Plan a forward / backprop-input gather.
+
+    NHWC: ``pixels`` is N*rows*cols and ``lanes_of`` the channel count; NCHW: ``pixels`` is
+    one plane's rows*cols and ``planes`` the number of planes. ``tile_values`` is the number
+    of filter taps a block stages per lane (NHWC) or per block (NCHW).
+    """
+    if layout_nhwc:
+        lanes = min(cfg.channel_lanes, _pow2_at_least(lanes_of))
+        rows = max(1, cfg.block_threads // lanes)
+        chunk = max(rows * cfg.pixels_per_thread, _ceil_div(pixels, _MAX_GRID_X))
+        tile_bytes = tile_values * lanes * acc_size
+        staged = tile_bytes <= cfg.max_shared_bytes
+        return Plan(grid=(_ceil_div(pixels, chunk), _ceil_div(lanes_of, lanes)), block=(lanes, rows),
+                    shared_bytes=tile_bytes if staged else 0, chunk=chunk, staged=staged)
+    threads = max(1, min(cfg.block_threads, 32 * _ceil_div(pixels, 32)))  # no idle warps on small planes
+    chunk = max(threads * cfg.pixels_per_thread, _ceil_div(pixels, _MAX_GRID_Y))
+    tile_bytes = tile_values * acc_size
+    staged = tile_bytes <= cfg.max_shared_bytes
+    return Plan(grid=(planes, _ceil_div(pixels, chunk)), block=(threads,),
+                shared_bytes=tile_bytes if staged else 0, chunk=chunk, staged=staged)
+
+
+def forward_plan(geom, dtype, cfg=None) -> Plan:
+    """Launch plan of the forward kernel for ``geom`` and ``dtype`` under ``cfg`` (default :data:`CONFIG`)."""
+    cfg = cfg or CONFIG
+    acc_size = spec.accumulator_dtype(dtype).itemsize
+    taps = geom.filter_height * geom.filter_width
+    if geom.data_format == "NHWC":
+        return _gather_plan(True, geom.batch * geom.out_height * geom.out_width, 0, geom.out_channels,
+                            taps, acc_size, cfg)
+    return _gather_plan(False, geom.out_height * geom.out_width, geom.batch * geom.out_channels, 0,
+                        taps, acc_size, cfg)
+
+
+def backprop_input_plan(geom, dtype, cfg=None) -> Plan:
+    """Launch plan of the backprop-input kernel."""
+    cfg = cfg or CONFIG
+    acc_size = spec.accumulator_dtype(dtype).itemsize
+    taps = geom.filter_height * geom.filter_width * geom.multiplier
+    if geom.data_format == "NHWC":
+        return _gather_plan(True, geom.batch * geom.in_height * geom.in_width, 0, geom.channels,
+                            taps, acc_size, cfg)
+    return _gather_plan(False, geom.in_height * geom.in_width, geom.batch * geom.channels, 0,
+                        taps, acc_size, cfg)
+
+
+def backprop_filter_plan(geom, dtype, cfg=None) -> Plan:
+    """Launch plan of backprop filter's stage 1; ``slices`` is the number of partial sums per tap and channel.
+
+    It depends only on the shape and ``cfg``, never on the device, so the result is bitwise the
+    same on every run (and every GPU model, up to the compiler's contraction of multiply-adds).
+    """
+    cfg = cfg or CONFIG
+    acc_size = spec.accumulator_dtype(dtype).itemsize
+    taps = geom.filter_height * geom.filter_width
+    rows = geom.batch * geom.out_height
+    slices = max(1, min(_ceil_div(rows, cfg.filter_rows_per_slice), cfg.filter_max_slices))
+    tap_rows = min(cfg.filter_tap_rows, taps)
+    cm = geom.out_channels
+    if geom.data_format == "NHWC":
+        lanes = min(cfg.channel_lanes, _pow2_at_least(cm))
+        return Plan(grid=(slices, _ceil_div(cm, lanes)), block=(lanes, tap_rows), slices=slices)
+    lanes = min(cfg.width_lanes, _pow2_at_least(geom.out_width))
+    return Plan(grid=(cm, slices), block=(lanes, tap_rows), shared_bytes=lanes * tap_rows * acc_size,
+                slices=slices)
+
+
+# ---------------------------------------------------------------------------
+# Host side: arrays in, arrays out
+# ---------------------------------------------------------------------------
+
+def _is_device_array(obj) -> bool:
+    """Numba device arrays (real or simulated) and anything with ``__cuda_array_interface__``."""
+    return bool(getattr(obj, "__cuda_ndarray__", False)) or hasattr(obj, "__cuda_array_interface__")
+
+
+def _as_numba_device_array(obj):
+    if getattr(obj, "__cuda_ndarray__", False):
+        return obj
+    return cuda.as_cuda_array(obj)  # a view: no copy
+
+
+_BITS = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
+
+
+def _copy_on_device(src, dst):
+    """``dst[...] = src`` for same-shape 1-D or 4-D device arrays of any strides (bitwise)."""
+    if dst.size == 0:
+        return
+    bits = _BITS[dst.dtype.itemsize]
+    cfg = CONFIG
+    blocks = max(1, min(_ceil_div(dst.size, cfg.copy_threads), 65535))
+    _copy_kernel(dst.ndim)[blocks, cfg.copy_threads](src.view(bits), dst.view(bits))
+
+
+def as_array(obj, name):
+    """A NumPy array for host data, a C-contiguous Numba device array for GPU data.
+
+    Objects with ``__cuda_array_interface__`` (CuPy, PyTorch CUDA tensors, ...) are wrapped
+    without a copy; non-contiguous ones get a contiguous device copy, so that the kernels'
+    reads stay coalesced. Host data stays on the host until an op runs (see :func:`forward`).
+    """
+    if not _is_device_array(obj):
+        return np.asarray(obj)
+    array = _as_numba_device_array(obj)
+    if array.is_c_contiguous() or array.ndim not in (1, 4) or array.dtype.itemsize not in _BITS:
+        return array  # other ranks and dtypes are rejected by the spec checks that follow
+    copy = cuda.device_array(array.shape, array.dtype)
+    _copy_on_device(array, copy)
+    return copy
+
+
+def _on_device(array, dtype, shape=None):
+    """``array`` (host or device, ``dtype`` data) as a C-contiguous device array of kernel_dtype(dtype)."""
+    kdtype = kernel_dtype(dtype)
+    if isinstance(array, np.ndarray):
+        array = cuda.to_device(np.ascontiguousarray(array).view(kdtype))
+    elif array.dtype != kdtype:
+        array = array.view(kdtype)
+    return array if shape is None else array.reshape(shape)
+
+
+def _byte_extent(array):
+    """[lo, hi) device addresses an array's elements occupy."""
+    iface = getattr(array, "__cuda_array_interface__", None) or array.__array_interface__
+    lo = hi = iface["data"][0]
+    for size, stride in zip(array.shape, array.strides):
+        if size == 0:
+            return lo, lo
+        if stride > 0:
+            hi += (size - 1) * stride
+        else:
+            lo += (size - 1) * stride
+    return lo, hi + array.dtype.itemsize
+
+
+def _overlaps(a, b) -> bool:
+    (a0, a1), (b0, b1) = _byte_extent(a), _byte_extent(b)
+    return a0 < b1 and b0 < a1
+
+
+def _run(shape, dtype, out, host_result, inputs, launch):
+    """Allocate (or reuse ``out``), call ``launch(result)`` and hand the result back.
+
+    ``result`` is a C-contiguous device array of ``kernel_dtype(dtype)``. It is ``out`` itself when
+    ``out`` is a contiguous device array that shares no memory with the device ``inputs``; otherwise
+    a fresh buffer that is then copied into ``out`` (host or device, any strides). Without ``out``
+    the result is a NumPy array when ``host_result`` (every input came from the host), else a device
+    array.
+    """
+    kdtype = kernel_dtype(dtype)
+    target = None
+    if out is not None:
+        if _is_device_array(out):
+            out_device = _as_numba_device_array(out)
+            if out_device.is_c_contiguous() and not any(
+                    _is_device_array(a) and _overlaps(out_device, a) for a in inputs):
+                target = out_device.view(kdtype)
+        elif not out.flags.writeable:
+            raise ValueError("out must be writeable, got a read-only array")
+    result = target if target is not None else cuda.device_array(shape, kdtype)
+    if result.size:
+        launch(result)
+    if out is None:
+        if host_result:
+            return result.copy_to_host().view(dtype)
+        return result if kdtype == dtype else result.view(dtype)
+    if target is not None:
+        return out
+    if _is_device_array(out):
+        _copy_on_device(result, out_device.view(kdtype))
+        return out
+    out[...] = result.copy_to_host().view(dtype)
+    return out
+
+
+def _geometry_args(geom):
+    return (geom.stride_h, geom.stride_w, geom.dilation_h, geom.dilation_w, geom.pad_top, geom.pad_left)
+
+
+def _host_inputs(*arrays):
+    return all(isinstance(a, np.ndarray) for a in arrays if a is not None)
+
+
+def _device_bias(bias, dtype, size):
+    """Bias as a device vector of the accumulator dtype (empty when there is none)."""
+    acc = spec.accumulator_dtype(dtype)
+    if bias is None:
+        return cuda.device_array(0, acc)
+    if isinstance(bias, np.ndarray):
+        return cuda.to_device(np.ascontiguousarray(bias, dtype=acc))
+    if bias.dtype == acc:
+        return bias
+    if bias.dtype not in spec.SUPPORTED_DTYPES:
+        raise TypeError(f"bias dtype must be one of float16, bfloat16, float32, float64, got {bias.dtype}")
+    widened = cuda.device_array(size, acc)
+    if size:
+        threads = CONFIG.reduce_threads
+        _widen_kernel(bias.dtype.name)[_ceil_div(size, threads), threads](_on_device(bias, bias.dtype), widened)
+    return widened
+
+
+def forward(x, f, geom, out=None, bias=None, activation="linear"):
+    """Forward op on the GPU; ``bias`` (C*M,) and an activation from :data:`nbdw.spec.FUSED_ACTIVATIONS`
+    are fused into the store of each output element.
+
+    ``x``, ``f`` (and ``bias``) are what :func:`as_array` returned: NumPy arrays are copied to the
+    device and, when every input was a NumPy array, the result comes back as one.
+    """
+    dtype = x.dtype
+    plan = forward_plan(geom, dtype)
+    kernel = _forward_kernel(geom.data_format, dtype.name, plan.staged)
+    act_lo, act_hi = spec.activation_bounds(activation, dtype)
+    host = _host_inputs(x, f, bias)
+
+    def launch(result):
+        xd = _on_device(x, dtype)
+        wd = _on_device(f, dtype, (geom.filter_height, geom.filter_width, geom.out_channels))
+        bd = _device_bias(bias, dtype, geom.out_channels)
+        kernel[plan.grid, plan.block, 0, plan.shared_bytes](
+            xd, wd, bd, act_lo, act_hi, result, *_geometry_args(geom), plan.chunk)
+
+    return _run(geom.output_shape, dtype, out, host, (x, f, bias), launch)
+
+
+def backprop_input(f, dy, geom, out=None):
+    """Backprop input on the GPU, in gather form (see :func:`forward` for host/device handling)."""
+    dtype = dy.dtype
+    plan = backprop_input_plan(geom, dtype)
+    kernel = _backprop_input_kernel(geom.data_format, dtype.name, plan.staged)
+
+    def launch(result):
+        dyd = _on_device(dy, dtype)
+        wd = _on_device(f, dtype, (geom.filter_height, geom.filter_width, geom.out_channels))
+        kernel[plan.grid, plan.block, 0, plan.shared_bytes](dyd, wd, result, *_geometry_args(geom), plan.chunk)
+
+    return _run(geom.input_shape, dtype, out, _host_inputs(f, dy), (f, dy), launch)
+
+
+def backprop_filter(x, dy, geom, out=None):
+    """Backprop filter on the GPU, deterministic: per-slice partial sums, then a fixed-order reduction.
+
+    Bitwise repeatable from run to run for a given shape and :data:`CONFIG` (see
+    :func:`backprop_filter_plan`). Half types accumulate in float32, the reduction included.
+    """
+    dtype = x.dtype
+    plan = backprop_filter_plan(geom, dtype)
+    acc = spec.accumulator_dtype(dtype)
+    stage1 = _backprop_filter_kernel(geom.data_format, dtype.name)
+    stage2 = _reduce_kernel(dtype.name)
+    kh, kw, cm = geom.filter_height, geom.filter_width, geom.out_channels
+
+    def launch(result):
+        xd = _on_device(x, dtype)
+        dyd = _on_device(dy, dtype)
+        partial = cuda.device_array((plan.slices, kh, kw, cm), acc)
+        stage1[plan.grid, plan.block, 0, plan.shared_bytes](xd, dyd, partial, *_geometry_args(geom))
+        size = kh * kw * cm
+        threads = CONFIG.reduce_threads
+        stage2[_ceil_div(size, threads), threads](partial.reshape(plan.slices, size), result.reshape(size))
+
+    return _run(geom.filter_shape, dtype, out, _host_inputs(x, dy), (x, dy), launch)
