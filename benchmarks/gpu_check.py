@@ -90,7 +90,7 @@ def _kernel_cases():
     def arr(ndim, dtype):
         return typeof(np.zeros((1,) * ndim, dtype))
 
-    ints = (typeof(1),) * 6
+    g = typeof((1,) * 15)  # the geometry tuple, nbdw.cuda._dims
     cases = []
     for name in ("float16", "bfloat16", "float32", "float64"):
         k = nc.kernel_dtype(np.dtype(name) if name != "bfloat16" else nc._BFLOAT16)
@@ -100,11 +100,11 @@ def _kernel_cases():
             for staged in (True, False):
                 tag = f"{fmt}/{name}/{'shared' if staged else 'global'}-taps"
                 cases.append((f"forward {tag}", nc._forward_kernel(fmt, name, staged),
-                              (arr(4, k), arr(3, k), arr(1, acc), a, a, arr(4, k), *ints, typeof(1))))
+                              (arr(1, k), arr(1, k), arr(1, acc), a, a, arr(1, k), g, typeof(1))))
                 cases.append((f"backprop_input {tag}", nc._backprop_input_kernel(fmt, name, staged),
-                              (arr(4, k), arr(3, k), arr(4, k), *ints, typeof(1))))
+                              (arr(1, k), arr(1, k), arr(1, k), g, typeof(1))))
             cases.append((f"backprop_filter {fmt}/{name}", nc._backprop_filter_kernel(fmt, name),
-                          (arr(4, k), arr(4, k), arr(4, acc), *ints)))
+                          (arr(1, k), arr(1, k), arr(2, acc), g)))
         cases.append((f"reduce {name}", nc._reduce_kernel(name), (arr(2, acc), arr(1, k))))
         cases.append((f"widen bias {name}", nc._widen_kernel(name), (arr(1, k), arr(1, acc))))
     for bits in (np.uint8, np.uint16, np.uint32, np.uint64):

@@ -243,14 +243,63 @@ def kernel_dtype(dtype) -> np.dtype:
     return dtype if dtype == np.float16 else spec.storage_dtype(dtype)
 
 
+def _make_window(tap_range):
+    def window(o, stride, pad, dilation, taps, size):
+        """spec.tap_range, with the common all-taps-inside case decided without a division."""
+        start = o * stride - pad
+        if start >= 0 and start + (taps - 1) * dilation < size:
+            return 0, taps
+        return tap_range(o, stride, pad, dilation, taps, size)
+
+    return window
+
+
+def _advance(n, row, col, step, rows, cols):
+    """Move the pixel (n, row, col) of an (N, rows, cols) grid ``step`` pixels on, in row-major order.
+
+    Replaces two divisions per pixel by additions; divides only when a row boundary is crossed.
+    """
+    col += step
+    if col >= cols:
+        q = col // cols
+        col -= q * cols
+        row += q
+        if row >= rows:
+            q = row // rows
+            row -= q * rows
+            n += q
+    return n, row, col
+
+
+def _split(p, rows, cols):
+    """Pixel ``p`` of an (N, rows, cols) grid as (n, row, col)."""
+    q = p // cols
+    col = p - q * cols
+    n = q // rows
+    return n, q - n * rows, col
+
+
+def _divmod_nonneg(a, b):
+    """(a // b, a % b) for a >= 0, b >= 1, skipping the division when b == 1 (the common stride)."""
+    if b == 1:
+        return a, a - a
+    q = a // b
+    return q, a - q * b
+
+
 @functools.lru_cache(maxsize=None)
 def _device():
     """Device functions, compiled lazily so that importing this module needs no GPU."""
     device = cuda.jit(device=True)
+    tap_range = device(spec.tap_range)
     return {
-        "tap_range": device(spec.tap_range),
+        "tap_range": tap_range,
+        "window": device(_make_window(tap_range)),
         "output_range": device(spec.output_range),
         "epilogue": device(spec.epilogue),
+        "advance": device(_advance),
+        "split": device(_split),
+        "divmod": device(_divmod_nonneg),
         "widen_f32": device(_widen_to_f32),
         "widen_f64": device(_widen_to_f64),
         "widen_bf16": device(_bf16_bits_to_f32),
@@ -271,174 +320,217 @@ def _kind(dtype_name):
 
 
 # ---------------------------------------------------------------------------
-# Forward (one thread per output element; filter taps staged in shared memory)
+# Kernels
 # ---------------------------------------------------------------------------
+#
+# Every kernel takes its tensors as flat 1-D C-contiguous arrays plus the geometry tuple
+# g = (N, H, W, C, M, KH, KW, OH, OW, stride_h, stride_w, dilation_h, dilation_w, pad_top,
+# pad_left) (see _dims), and walks flat int64 offsets: one add per filter tap instead of a
+# 4-D index computation. Offsets that are in range by construction are indexed as unsigned
+# (_u), which spares Numba's negative-index wraparound (a compare and select per access).
+
+_u = np.uint64
+
 
 @functools.lru_cache(maxsize=None)
 def _forward_kernel(data_format, dtype_name, staged):
+    """Forward: one thread per output element; the block's filter taps staged in shared memory
+    (``staged``) or read from global memory when they do not fit."""
     widen, narrow, acc_t, acc_nb = _kind(dtype_name)
     d = _device()
-    tap_range, epilogue = d["tap_range"], d["epilogue"]
+    window, epilogue, advance, split = d["window"], d["epilogue"], d["advance"], d["split"]
 
     if data_format == "NHWC":
         @cuda.jit
-        def kernel(x, w, bias, act_lo, act_hi, out, sh, sw, dh, dw, pt, pl, chunk):
-            """x (N,H,W,C), w (KH,KW,C*M), out (N,OH,OW,C*M). Block: lanes over channels x rows over pixels;
-            grid: (pixel chunks, channel tiles)."""
-            n_, h_, w_, c_ = x.shape
-            kh_, kw_, cm = w.shape
-            m_ = cm // c_
-            oh_, ow_ = out.shape[1], out.shape[2]
+        def kernel(x, w, bias, act_lo, act_hi, out, g, chunk):
+            """Block: lanes over output channels x rows over output pixels; grid: (pixel chunks, channel tiles)."""
+            n_, h_, w_, c_, m_, kh_, kw_, oh_, ow_, sh, sw, dh, dw, pt, pl = g
+            cm = c_ * m_
             lanes = cuda.blockDim.x
+            rows = cuda.blockDim.y
             tx = cuda.threadIdx.x
             ty = cuda.threadIdx.y
-            j0 = cuda.blockIdx.y * lanes
+            j0 = np.int64(cuda.blockIdx.y) * lanes
             j = j0 + tx
-            taps = cuda.shared.array(0, acc_nb)  # [tap][lane], this block's channels
+            taps = cuda.shared.array(0, acc_nb)  # [tap][lane]: this block's channels
             if staged:
-                for i in range(ty * lanes + tx, kh_ * kw_ * lanes, lanes * cuda.blockDim.y):
+                for i in range(ty * lanes + tx, kh_ * kw_ * lanes, lanes * rows):
                     t = i // lanes
                     jj = j0 + i - t * lanes
                     if jj < cm:
-                        kh = t // kw_
-                        taps[i] = widen(w[kh, t - kh * kw_, jj])
+                        taps[i] = widen(w[_u(t * cm + jj)])
                 cuda.syncthreads()
             if j < cm:
                 c = j // m_
-                start = np.int64(cuda.blockIdx.x) * chunk
-                stop = min(start + chunk, np.int64(n_) * oh_ * ow_)
-                for p in range(start + ty, stop, cuda.blockDim.y):
-                    q = p // ow_
-                    ow = p - q * ow_
-                    n = q // oh_
-                    oh = q - n * oh_
-                    kh_lo, kh_hi = tap_range(oh, sh, pt, dh, kh_, h_)
-                    kw_lo, kw_hi = tap_range(ow, sw, pl, dw, kw_, w_)
+                if staged:
+                    tap_w, tap_h, tap_0 = lanes, kw_ * lanes, tx
+                else:
+                    tap_w, tap_h, tap_0 = cm, kw_ * cm, j
+                x_w = dw * c_  # x offset from one filter column to the next
+                x_h = dh * w_ * c_
+                first = np.int64(cuda.blockIdx.x) * chunk
+                p = first + ty
+                stop = min(first + chunk, np.int64(n_) * oh_ * ow_)
+                n, oh, ow = split(p, oh_, ow_)
+                while p < stop:
+                    kh_lo, kh_hi = window(oh, sh, pt, dh, kh_, h_)
+                    kw_lo, kw_hi = window(ow, sw, pl, dw, kw_, w_)
+                    xo = ((n * h_ + oh * sh - pt + kh_lo * dh) * w_ + ow * sw - pl + kw_lo * dw) * c_ + c
+                    to = kh_lo * tap_h + kw_lo * tap_w + tap_0
                     acc = acc_t(0)
-                    for kh in range(kh_lo, kh_hi):
-                        ih = oh * sh - pt + kh * dh
-                        for kw in range(kw_lo, kw_hi):
-                            iw = ow * sw - pl + kw * dw
+                    for _ in range(kh_lo, kh_hi):
+                        xi = xo
+                        ti = to
+                        for _ in range(kw_lo, kw_hi):
                             if staged:
-                                wv = taps[(kh * kw_ + kw) * lanes + tx]
+                                acc += widen(x[_u(xi)]) * taps[_u(ti)]
                             else:
-                                wv = widen(w[kh, kw, j])
-                            acc += widen(x[n, ih, iw, c]) * wv
-                    out[n, oh, ow, j] = narrow(epilogue(acc, bias, j, act_lo, act_hi))
+                                acc += widen(x[_u(xi)]) * widen(w[_u(ti)])
+                            xi += x_w
+                            ti += tap_w
+                        xo += x_h
+                        to += tap_h
+                    out[_u(p * cm + j)] = narrow(epilogue(acc, bias, j, act_lo, act_hi))
+                    p += rows
+                    n, oh, ow = advance(n, oh, ow, rows, oh_, ow_)
     else:
         @cuda.jit
-        def kernel(x, w, bias, act_lo, act_hi, out, sh, sw, dh, dw, pt, pl, chunk):
-            """x (N,C,H,W), w (KH,KW,C*M), out (N,C*M,OH,OW). Block: threads over one plane's pixels
-            (row-major, so consecutive threads read consecutive columns); grid: (planes, pixel chunks)."""
-            n_, c_, h_, w_ = x.shape
-            kh_, kw_, cm = w.shape
-            m_ = cm // c_
-            oh_, ow_ = out.shape[2], out.shape[3]
+        def kernel(x, w, bias, act_lo, act_hi, out, g, chunk):
+            """Block: threads over one output plane's pixels, row-major, so consecutive threads read
+            consecutive columns; grid: (N * C*M planes, pixel chunks)."""
+            n_, h_, w_, c_, m_, kh_, kw_, oh_, ow_, sh, sw, dh, dw, pt, pl = g
+            cm = c_ * m_
             plane = np.int64(cuda.blockIdx.x)
             n = plane // cm
             j = plane - n * cm
             c = j // m_
             tid = cuda.threadIdx.x
             threads = cuda.blockDim.x
-            taps = cuda.shared.array(0, acc_nb)  # this plane's KH*KW taps
+            taps = cuda.shared.array(0, acc_nb)  # [tap] of channel j
             if staged:
                 for t in range(tid, kh_ * kw_, threads):
-                    kh = t // kw_
-                    taps[t] = widen(w[kh, t - kh * kw_, j])
+                    taps[t] = widen(w[_u(t * cm + j)])
                 cuda.syncthreads()
-            start = np.int64(cuda.blockIdx.y) * chunk
-            stop = min(start + chunk, np.int64(oh_) * ow_)
-            for p in range(start + tid, stop, threads):
-                oh = p // ow_
-                ow = p - oh * ow_
-                kh_lo, kh_hi = tap_range(oh, sh, pt, dh, kh_, h_)
-                kw_lo, kw_hi = tap_range(ow, sw, pl, dw, kw_, w_)
+                tap_w, tap_h, tap_0 = 1, kw_, 0
+            else:
+                tap_w, tap_h, tap_0 = cm, kw_ * cm, j
+            x_plane = (n * c_ + c) * h_ * w_
+            out_plane = plane * oh_ * ow_
+            x_h = dh * w_
+            first = np.int64(cuda.blockIdx.y) * chunk
+            p = first + tid
+            stop = min(first + chunk, np.int64(oh_) * ow_)
+            _, oh, ow = split(p, oh_, ow_)
+            while p < stop:
+                kh_lo, kh_hi = window(oh, sh, pt, dh, kh_, h_)
+                kw_lo, kw_hi = window(ow, sw, pl, dw, kw_, w_)
+                xo = x_plane + (oh * sh - pt + kh_lo * dh) * w_ + ow * sw - pl + kw_lo * dw
+                to = kh_lo * tap_h + kw_lo * tap_w + tap_0
                 acc = acc_t(0)
-                for kh in range(kh_lo, kh_hi):
-                    ih = oh * sh - pt + kh * dh
-                    for kw in range(kw_lo, kw_hi):
+                for _ in range(kh_lo, kh_hi):
+                    xi = xo
+                    ti = to
+                    for _ in range(kw_lo, kw_hi):
                         if staged:
-                            wv = taps[kh * kw_ + kw]
+                            acc += widen(x[_u(xi)]) * taps[_u(ti)]
                         else:
-                            wv = widen(w[kh, kw, j])
-                        acc += widen(x[n, c, ih, ow * sw - pl + kw * dw]) * wv
-                out[n, j, oh, ow] = narrow(epilogue(acc, bias, j, act_lo, act_hi))
+                            acc += widen(x[_u(xi)]) * widen(w[_u(ti)])
+                        xi += dw
+                        ti += tap_w
+                    xo += x_h
+                    to += tap_h
+                out[_u(out_plane + p)] = narrow(epilogue(acc, bias, j, act_lo, act_hi))
+                p += threads
+                _, oh, ow = advance(0, oh, ow, threads, oh_, ow_)
 
     return kernel
 
 
-# ---------------------------------------------------------------------------
-# Backprop input (gather: one thread per input element sums the outputs it fed)
-# ---------------------------------------------------------------------------
+# Backprop input is a gather: one thread per input element sums the outputs it fed.
+# Input row ih receives from output row oh through tap kh when ih + pt - kh * dh = oh * sh.
+# Walking kh upwards lowers that left side by dh, so (oh, remainder) = divmod(ih + pt - kh * dh, sh)
+# is updated with the precomputed divmod(dh, sh) instead of one division per tap; a tap
+# contributes when the remainder is 0 and 0 <= oh < OH. Columns likewise.
 
 @functools.lru_cache(maxsize=None)
 def _backprop_input_kernel(data_format, dtype_name, staged):
     widen, narrow, acc_t, acc_nb = _kind(dtype_name)
+    d = _device()
+    advance, split, divmod_ = d["advance"], d["split"], d["divmod"]
 
     if data_format == "NHWC":
         @cuda.jit
-        def kernel(dy, w, dx, sh, sw, dh, dw, pt, pl, chunk):
-            """dy (N,OH,OW,C*M), w (KH,KW,C*M), dx (N,H,W,C). Block: lanes over input channels x rows over
-            pixels; grid: (pixel chunks, channel tiles)."""
-            n_, h_, w_, c_ = dx.shape
-            kh_, kw_, cm = w.shape
-            m_ = cm // c_
-            oh_, ow_ = dy.shape[1], dy.shape[2]
+        def kernel(dy, w, dx, g, chunk):
+            """Block: lanes over input channels x rows over input pixels; grid: (pixel chunks, channel tiles)."""
+            n_, h_, w_, c_, m_, kh_, kw_, oh_, ow_, sh, sw, dh, dw, pt, pl = g
+            cm = c_ * m_
             lanes = cuda.blockDim.x
+            rows = cuda.blockDim.y
             tx = cuda.threadIdx.x
             ty = cuda.threadIdx.y
-            c0 = cuda.blockIdx.y * lanes
+            c0 = np.int64(cuda.blockIdx.y) * lanes
             c = c0 + tx
             width = lanes * m_
-            taps = cuda.shared.array(0, acc_nb)  # [tap][lane][q]
+            taps = cuda.shared.array(0, acc_nb)  # [tap][lane][q]: this block's channels
             if staged:
-                for i in range(ty * lanes + tx, kh_ * kw_ * width, lanes * cuda.blockDim.y):
+                for i in range(ty * lanes + tx, kh_ * kw_ * width, lanes * rows):
                     t = i // width
                     jj = c0 * m_ + i - t * width
                     if jj < cm:
-                        kh = t // kw_
-                        taps[i] = widen(w[kh, t - kh * kw_, jj])
+                        taps[i] = widen(w[_u(t * cm + jj)])
                 cuda.syncthreads()
             if c < c_:
-                start = np.int64(cuda.blockIdx.x) * chunk
-                stop = min(start + chunk, np.int64(n_) * h_ * w_)
-                for p in range(start + ty, stop, cuda.blockDim.y):
-                    q = p // w_
-                    iw = p - q * w_
-                    n = q // h_
-                    ih = q - n * h_
+                if staged:
+                    tap_t, tap_0 = width, tx * m_
+                else:
+                    tap_t, tap_0 = cm, c * m_
+                dhq, dhr = divmod_(dh, sh)
+                dwq, dwr = divmod_(dw, sw)
+                first = np.int64(cuda.blockIdx.x) * chunk
+                p = first + ty
+                stop = min(first + chunk, np.int64(n_) * h_ * w_)
+                n, ih, iw = split(p, h_, w_)
+                while p < stop:
                     acc = acc_t(0)
+                    oh, rh = divmod_(ih + pt, sh)
+                    ow0, rw0 = divmod_(iw + pl, sw)
                     for kh in range(kh_):
-                        t = ih + pt - kh * dh  # = oh * sh for the output this tap came from
-                        if t < 0:
+                        if oh < 0:
                             break
-                        oh = t // sh
-                        if oh * sh != t or oh >= oh_:
-                            continue
-                        for kw in range(kw_):
-                            u = iw + pl - kw * dw
-                            if u < 0:
-                                break
-                            ow = u // sw
-                            if ow * sw != u or ow >= ow_:
-                                continue
-                            base = (kh * kw_ + kw) * width + tx * m_
-                            for q in range(m_):
-                                if staged:
-                                    wv = taps[base + q]
-                                else:
-                                    wv = widen(w[kh, kw, c * m_ + q])
-                                acc += widen(dy[n, oh, ow, c * m_ + q]) * wv
-                    dx[n, ih, iw, c] = narrow(acc)
+                        if rh == 0 and oh < oh_:
+                            dy_row = (n * oh_ + oh) * ow_
+                            ow = ow0
+                            rw = rw0
+                            for kw in range(kw_):
+                                if ow < 0:
+                                    break
+                                if rw == 0 and ow < ow_:
+                                    di = (dy_row + ow) * cm + c * m_
+                                    ti = (kh * kw_ + kw) * tap_t + tap_0
+                                    for q in range(m_):
+                                        if staged:
+                                            acc += widen(dy[_u(di + q)]) * taps[_u(ti + q)]
+                                        else:
+                                            acc += widen(dy[_u(di + q)]) * widen(w[_u(ti + q)])
+                                ow -= dwq
+                                rw -= dwr
+                                if rw < 0:
+                                    rw += sw
+                                    ow -= 1
+                        oh -= dhq
+                        rh -= dhr
+                        if rh < 0:
+                            rh += sh
+                            oh -= 1
+                    dx[_u(p * c_ + c)] = narrow(acc)
+                    p += rows
+                    n, ih, iw = advance(n, ih, iw, rows, h_, w_)
     else:
         @cuda.jit
-        def kernel(dy, w, dx, sh, sw, dh, dw, pt, pl, chunk):
-            """dy (N,C*M,OH,OW), w (KH,KW,C*M), dx (N,C,H,W). Block: threads over one input plane's pixels;
-            grid: (planes, pixel chunks)."""
-            n_, c_, h_, w_ = dx.shape
-            kh_, kw_, cm = w.shape
-            m_ = cm // c_
-            oh_, ow_ = dy.shape[2], dy.shape[3]
+        def kernel(dy, w, dx, g, chunk):
+            """Block: threads over one input plane's pixels; grid: (N * C planes, pixel chunks)."""
+            n_, h_, w_, c_, m_, kh_, kw_, oh_, ow_, sh, sw, dh, dw, pt, pl = g
+            cm = c_ * m_
             plane = np.int64(cuda.blockIdx.x)
             n = plane // c_
             c = plane - n * c_
@@ -448,43 +540,61 @@ def _backprop_input_kernel(data_format, dtype_name, staged):
             if staged:
                 for i in range(tid, kh_ * kw_ * m_, threads):
                     t = i // m_
-                    kh = t // kw_
-                    taps[i] = widen(w[kh, t - kh * kw_, c * m_ + i - t * m_])
+                    taps[i] = widen(w[_u(t * cm + c * m_ + i - t * m_)])
                 cuda.syncthreads()
-            start = np.int64(cuda.blockIdx.y) * chunk
-            stop = min(start + chunk, np.int64(h_) * w_)
-            for p in range(start + tid, stop, threads):
-                ih = p // w_
-                iw = p - ih * w_
+                tap_t, tap_0 = m_, 0
+            else:
+                tap_t, tap_0 = cm, c * m_
+            dhq, dhr = divmod_(dh, sh)
+            dwq, dwr = divmod_(dw, sw)
+            dy_planes = (n * cm + c * m_) * oh_ * ow_  # dy[n, c*M, 0, 0]
+            dy_q = np.int64(oh_) * ow_  # from one multiplier plane to the next
+            dx_plane = plane * h_ * w_
+            first = np.int64(cuda.blockIdx.y) * chunk
+            p = first + tid
+            stop = min(first + chunk, np.int64(h_) * w_)
+            _, ih, iw = split(p, h_, w_)
+            while p < stop:
                 acc = acc_t(0)
+                oh, rh = divmod_(ih + pt, sh)
+                ow0, rw0 = divmod_(iw + pl, sw)
                 for kh in range(kh_):
-                    t = ih + pt - kh * dh
-                    if t < 0:
+                    if oh < 0:
                         break
-                    oh = t // sh
-                    if oh * sh != t or oh >= oh_:
-                        continue
-                    for kw in range(kw_):
-                        u = iw + pl - kw * dw
-                        if u < 0:
-                            break
-                        ow = u // sw
-                        if ow * sw != u or ow >= ow_:
-                            continue
-                        for q in range(m_):
-                            if staged:
-                                wv = taps[(kh * kw_ + kw) * m_ + q]
-                            else:
-                                wv = widen(w[kh, kw, c * m_ + q])
-                            acc += widen(dy[n, c * m_ + q, oh, ow]) * wv
-                dx[n, c, ih, iw] = narrow(acc)
+                    if rh == 0 and oh < oh_:
+                        ow = ow0
+                        rw = rw0
+                        for kw in range(kw_):
+                            if ow < 0:
+                                break
+                            if rw == 0 and ow < ow_:
+                                di = dy_planes + oh * ow_ + ow
+                                ti = (kh * kw_ + kw) * tap_t + tap_0
+                                for q in range(m_):
+                                    if staged:
+                                        acc += widen(dy[_u(di + q * dy_q)]) * taps[_u(ti + q)]
+                                    else:
+                                        acc += widen(dy[_u(di + q * dy_q)]) * widen(w[_u(ti + q)])
+                            ow -= dwq
+                            rw -= dwr
+                            if rw < 0:
+                                rw += sw
+                                ow -= 1
+                    oh -= dhq
+                    rh -= dhr
+                    if rh < 0:
+                        rh += sh
+                        oh -= 1
+                dx[_u(dx_plane + p)] = narrow(acc)
+                p += threads
+                _, ih, iw = advance(0, ih, iw, threads, h_, w_)
 
     return kernel
 
 
-# ---------------------------------------------------------------------------
-# Backprop filter: stage 1 writes per-slice partial sums, stage 2 adds the slices in order
-# ---------------------------------------------------------------------------
+# Backprop filter, stage 1: per-slice partial sums. Slice s covers output rows (batch x height)
+# [s * R // S, (s + 1) * R // S); each (slice, tap, channel) sum is written by exactly one thread
+# (NHWC) or one block after a fixed-order tree over its lanes (NCHW).
 
 @functools.lru_cache(maxsize=None)
 def _backprop_filter_kernel(data_format, dtype_name):
@@ -493,44 +603,44 @@ def _backprop_filter_kernel(data_format, dtype_name):
 
     if data_format == "NHWC":
         @cuda.jit
-        def kernel(x, dy, partial, sh, sw, dh, dw, pt, pl):
-            """x (N,H,W,C), dy (N,OH,OW,C*M), partial (S,KH,KW,C*M). Block: lanes over channels x rows over
-            taps; grid: (slices of the N*OH output rows, channel tiles). Each thread owns one
-            (slice, tap, channel) sum, so no two threads write the same partial."""
-            n_, h_, w_, c_ = x.shape
-            slices, kh_, kw_, cm = partial.shape
-            m_ = cm // c_
-            oh_, ow_ = dy.shape[1], dy.shape[2]
+        def kernel(x, dy, partial, g):
+            """partial (S, KH*KW*C*M). Block: lanes over channels x rows over taps; grid: (slices, channel tiles)."""
+            n_, h_, w_, c_, m_, kh_, kw_, oh_, ow_, sh, sw, dh, dw, pt, pl = g
+            cm = c_ * m_
+            slices = partial.shape[0]
             s = np.int64(cuda.blockIdx.x)
-            j = cuda.blockIdx.y * cuda.blockDim.x + cuda.threadIdx.x
+            j = np.int64(cuda.blockIdx.y) * cuda.blockDim.x + cuda.threadIdx.x
             if j < cm:
                 c = j // m_
                 rows = np.int64(n_) * oh_
                 r0 = s * rows // slices
                 r1 = (s + 1) * rows // slices
+                x_w = sw * c_
                 for t in range(cuda.threadIdx.y, kh_ * kw_, cuda.blockDim.y):
                     kh = t // kw_
                     kw = t - kh * kw_
                     lo, hi = output_range(kw, sw, pl, dw, ow_, w_)
-                    base = kw * dw - pl
                     acc = acc_t(0)
                     for r in range(r0, r1):
                         n = r // oh_
-                        oh = r - n * oh_
-                        ih = oh * sh - pt + kh * dh
+                        ih = (r - n * oh_) * sh - pt + kh * dh
                         if ih >= 0 and ih < h_:
-                            for ow in range(lo, hi):
-                                acc += widen(x[n, ih, ow * sw + base, c]) * widen(dy[n, oh, ow, j])
-                    partial[s, kh, kw, j] = acc
+                            xi = ((n * h_ + ih) * w_ + lo * sw + kw * dw - pl) * c_ + c
+                            di = (r * ow_ + lo) * cm + j
+                            for _ in range(lo, hi):
+                                acc += widen(x[_u(xi)]) * widen(dy[_u(di)])
+                                xi += x_w
+                                di += cm
+                    partial[s, t * cm + j] = acc
     else:
         @cuda.jit
-        def kernel(x, dy, partial, sh, sw, dh, dw, pt, pl):
-            """x (N,C,H,W), dy (N,C*M,OH,OW), partial (S,KH,KW,C*M). Block: lanes over output columns x rows
-            over taps, lanes summed by a shared-memory tree in a fixed order; grid: (C*M planes, slices)."""
-            n_, c_, h_, w_ = x.shape
-            slices, kh_, kw_, cm = partial.shape
-            m_ = cm // c_
-            oh_, ow_ = dy.shape[2], dy.shape[3]
+        def kernel(x, dy, partial, g):
+            """partial (S, KH*KW*C*M). Block: lanes over output columns x rows over taps, the lanes then
+            summed by a shared-memory tree in a fixed order; grid: (C*M channels, slices)."""
+            n_, h_, w_, c_, m_, kh_, kw_, oh_, ow_, sh, sw, dh, dw, pt, pl = g
+            cm = c_ * m_
+            taps = kh_ * kw_
+            slices = partial.shape[0]
             j = np.int64(cuda.blockIdx.x)
             c = j // m_
             s = np.int64(cuda.blockIdx.y)
@@ -541,21 +651,24 @@ def _backprop_filter_kernel(data_format, dtype_name):
             rows = np.int64(n_) * oh_
             r0 = s * rows // slices
             r1 = (s + 1) * rows // slices
-            for t0 in range(0, kh_ * kw_, cuda.blockDim.y):  # the same trip count in every thread
+            for t0 in range(0, taps, cuda.blockDim.y):  # the same trip count in every thread
                 t = t0 + ty
-                kh = t // kw_
-                kw = t - kh * kw_
                 acc = acc_t(0)
-                if t < kh_ * kw_:
+                if t < taps:
+                    kh = t // kw_
+                    kw = t - kh * kw_
                     lo, hi = output_range(kw, sw, pl, dw, ow_, w_)
-                    base = kw * dw - pl
                     for r in range(r0, r1):
                         n = r // oh_
                         oh = r - n * oh_
                         ih = oh * sh - pt + kh * dh
                         if ih >= 0 and ih < h_:
-                            for ow in range(lo + tx, hi, lanes):
-                                acc += widen(x[n, c, ih, ow * sw + base]) * widen(dy[n, j, oh, ow])
+                            xi = ((n * c_ + c) * h_ + ih) * w_ + (lo + tx) * sw + kw * dw - pl
+                            di = ((n * cm + j) * oh_ + oh) * ow_ + lo + tx
+                            for _ in range(lo + tx, hi, lanes):
+                                acc += widen(x[_u(xi)]) * widen(dy[_u(di)])
+                                xi += lanes * sw
+                                di += lanes
                 red[ty * lanes + tx] = acc
                 cuda.syncthreads()
                 half = lanes // 2
@@ -564,8 +677,8 @@ def _backprop_filter_kernel(data_format, dtype_name):
                         red[ty * lanes + tx] += red[ty * lanes + tx + half]
                     cuda.syncthreads()
                     half //= 2
-                if tx == 0 and t < kh_ * kw_:
-                    partial[s, kh, kw, j] = red[ty * lanes]
+                if tx == 0 and t < taps:
+                    partial[s, t * cm + j] = red[ty * lanes]
                 cuda.syncthreads()
 
     return kernel
@@ -573,11 +686,11 @@ def _backprop_filter_kernel(data_format, dtype_name):
 
 @functools.lru_cache(maxsize=None)
 def _reduce_kernel(dtype_name):
+    """Backprop filter, stage 2: out[i] = partial[0, i] + partial[1, i] + ... in that order, one rounding."""
     _, narrow, _, _ = _kind(dtype_name)
 
     @cuda.jit
     def kernel(partial, out):
-        """partial (S, E) -> out (E,): slice 0 + slice 1 + ... in that order, one rounding at the end."""
         i = np.int64(cuda.blockIdx.x) * cuda.blockDim.x + cuda.threadIdx.x
         if i < out.shape[0]:
             acc = partial[0, i]
@@ -777,14 +890,14 @@ def as_array(obj, name):
     return copy
 
 
-def _on_device(array, dtype, shape=None):
-    """``array`` (host or device, ``dtype`` data) as a C-contiguous device array of kernel_dtype(dtype)."""
+def _flat_on_device(array, dtype):
+    """``array`` (host or C-contiguous device, ``dtype`` data) as a flat device vector of kernel_dtype(dtype)."""
     kdtype = kernel_dtype(dtype)
     if isinstance(array, np.ndarray):
         array = cuda.to_device(np.ascontiguousarray(array).view(kdtype))
     elif array.dtype != kdtype:
         array = array.view(kdtype)
-    return array if shape is None else array.reshape(shape)
+    return array.reshape(array.size)
 
 
 def _byte_extent(array):
@@ -841,8 +954,11 @@ def _run(shape, dtype, out, host_result, inputs, launch):
     return out
 
 
-def _geometry_args(geom):
-    return (geom.stride_h, geom.stride_w, geom.dilation_h, geom.dilation_w, geom.pad_top, geom.pad_left)
+def _dims(geom):
+    """The geometry tuple every kernel unpacks (see the Kernels section)."""
+    return (geom.batch, geom.in_height, geom.in_width, geom.channels, geom.multiplier,
+            geom.filter_height, geom.filter_width, geom.out_height, geom.out_width,
+            geom.stride_h, geom.stride_w, geom.dilation_h, geom.dilation_w, geom.pad_top, geom.pad_left)
 
 
 def _host_inputs(*arrays):
@@ -863,7 +979,7 @@ def _device_bias(bias, dtype, size):
     widened = cuda.device_array(size, acc)
     if size:
         threads = CONFIG.reduce_threads
-        _widen_kernel(bias.dtype.name)[_ceil_div(size, threads), threads](_on_device(bias, bias.dtype), widened)
+        _widen_kernel(bias.dtype.name)[_ceil_div(size, threads), threads](_flat_on_device(bias, bias.dtype), widened)
     return widened
 
 
@@ -881,11 +997,9 @@ def forward(x, f, geom, out=None, bias=None, activation="linear"):
     host = _host_inputs(x, f, bias)
 
     def launch(result):
-        xd = _on_device(x, dtype)
-        wd = _on_device(f, dtype, (geom.filter_height, geom.filter_width, geom.out_channels))
-        bd = _device_bias(bias, dtype, geom.out_channels)
         kernel[plan.grid, plan.block, 0, plan.shared_bytes](
-            xd, wd, bd, act_lo, act_hi, result, *_geometry_args(geom), plan.chunk)
+            _flat_on_device(x, dtype), _flat_on_device(f, dtype), _device_bias(bias, dtype, geom.out_channels),
+            act_lo, act_hi, result.reshape(result.size), _dims(geom), plan.chunk)
 
     return _run(geom.output_shape, dtype, out, host, (x, f, bias), launch)
 
@@ -897,9 +1011,8 @@ def backprop_input(f, dy, geom, out=None):
     kernel = _backprop_input_kernel(geom.data_format, dtype.name, plan.staged)
 
     def launch(result):
-        dyd = _on_device(dy, dtype)
-        wd = _on_device(f, dtype, (geom.filter_height, geom.filter_width, geom.out_channels))
-        kernel[plan.grid, plan.block, 0, plan.shared_bytes](dyd, wd, result, *_geometry_args(geom), plan.chunk)
+        kernel[plan.grid, plan.block, 0, plan.shared_bytes](
+            _flat_on_device(dy, dtype), _flat_on_device(f, dtype), result.reshape(result.size), _dims(geom), plan.chunk)
 
     return _run(geom.input_shape, dtype, out, _host_inputs(f, dy), (f, dy), launch)
 
@@ -918,12 +1031,11 @@ def backprop_filter(x, dy, geom, out=None):
     kh, kw, cm = geom.filter_height, geom.filter_width, geom.out_channels
 
     def launch(result):
-        xd = _on_device(x, dtype)
-        dyd = _on_device(dy, dtype)
-        partial = cuda.device_array((plan.slices, kh, kw, cm), acc)
-        stage1[plan.grid, plan.block, 0, plan.shared_bytes](xd, dyd, partial, *_geometry_args(geom))
         size = kh * kw * cm
+        partial = cuda.device_array((plan.slices, size), acc)
+        stage1[plan.grid, plan.block, 0, plan.shared_bytes](
+            _flat_on_device(x, dtype), _flat_on_device(dy, dtype), partial, _dims(geom))
         threads = CONFIG.reduce_threads
-        stage2[_ceil_div(size, threads), threads](partial.reshape(plan.slices, size), result.reshape(size))
+        stage2[_ceil_div(size, threads), threads](partial, result.reshape(size))
 
     return _run(geom.filter_shape, dtype, out, _host_inputs(x, dy), (x, dy), launch)
