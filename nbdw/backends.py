@@ -23,7 +23,9 @@ class BackendUnavailableError(RuntimeError):
 
 
 def _is_device_array(obj) -> bool:
-    return hasattr(obj, "__cuda_array_interface__")
+    # Numba device arrays also mark themselves with __cuda_ndarray__; the CUDA simulator's
+    # arrays carry only that mark, so "auto" dispatch works (and is tested) under the simulator.
+    return hasattr(obj, "__cuda_array_interface__") or bool(getattr(obj, "__cuda_ndarray__", False))
 
 
 def select(backend, *arrays) -> str:

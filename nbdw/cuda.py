@@ -157,7 +157,7 @@ def unavailable_reason():
                 "CUDA target; reinstall numba-cuda (`pip install 'nbdw[cuda]'`)")
     if not cuda.is_available():
         error = cuda.cuda_error()
-        detail = f": {str(error).strip()}" if error else ""
+        detail = f": {' '.join(str(error).split())}" if error else ""
         return ("numba-cuda is installed, but no usable CUDA GPU or driver was found" + detail
                 + " (set NUMBA_ENABLE_CUDASIM=1 before importing numba to use the CUDA simulator)")
     return None
