@@ -68,31 +68,37 @@ _BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
 class LaunchConfig:
     """Block sizes and work splits of every CUDA kernel.
 
-    The defaults aim at current NVIDIA GPUs (warps of 32, 48 KiB of static shared memory
-    per block). Tests shrink them so that tiny problems still span many blocks.
+    The defaults aim at current NVIDIA GPUs (warps of 32, 48 KiB of shared memory per
+    block, ~1000 resident blocks of 256 threads on the largest parts). Tests shrink them
+    so that tiny problems still span many blocks and many partial-sum slices.
 
     Attributes
     ----------
     block_threads : int
         Threads per block of the forward and backprop-input kernels.
     channel_lanes : int
-        NHWC: most threads of a block along the channel axis (the coalesced axis). Fewer
-        are used when there are fewer channels.
+        NHWC: most threads of a block along the channel axis (the coalesced axis); fewer
+        when there are fewer channels.
     width_lanes : int
-        NCHW backprop filter: threads along the output width; a power of two (tree
-        reduction).
+        NCHW backprop filter: threads along the output width; a power of two (their sums
+        are added by a tree).
     pixels_per_thread : int
         Forward and backprop input: result pixels one thread computes, so that a block's
         staged filter taps are reused.
     filter_tap_rows : int
-        Backprop filter: filter taps a block works on side by side (block y size).
-    filter_rows_per_slice : int
-        Backprop filter: output rows (batch x height) summed into one partial slice.
-    filter_max_slices : int
-        Backprop filter: upper bound on the number of partial slices (the size of the
-        partial buffer and the length of the fixed-order reduction).
-    reduce_threads, copy_threads : int
-        Threads per block of the partial-sum reduction and of the strided-copy kernel.
+        Backprop filter: most filter taps a block works on side by side (block y size).
+    filter_blocks : int
+        Backprop filter: the number of stage-1 blocks to aim for; the output rows
+        (batch x height) are cut into as many slices as that takes, which sets the size
+        of the partial-sum buffer. Depends on nothing but the shape and this value, so
+        the result is the same on every device.
+    filter_min_rows : int
+        Backprop filter: at least this many output rows per slice.
+    reduce_lanes, reduce_rows : int
+        Backprop filter stage 2: a block adds the slices of ``reduce_lanes`` consecutive
+        filter elements, ``reduce_rows`` threads per element (a power of two, then a tree).
+    copy_threads : int
+        Threads per block of the strided-copy and bias kernels.
     max_shared_bytes : int
         Filter taps are staged in shared memory only when they fit in this many bytes.
     """
@@ -102,9 +108,10 @@ class LaunchConfig:
     width_lanes: int = 32
     pixels_per_thread: int = 8
     filter_tap_rows: int = 8
-    filter_rows_per_slice: int = 4
-    filter_max_slices: int = 2048
-    reduce_threads: int = 256
+    filter_blocks: int = 2048
+    filter_min_rows: int = 2
+    reduce_lanes: int = 32
+    reduce_rows: int = 16
     copy_threads: int = 256
     max_shared_bytes: int = 48 * 1024
 
@@ -113,18 +120,16 @@ class LaunchConfig:
             value = getattr(self, field.name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"LaunchConfig.{field.name} must be a positive integer, got {value!r}")
-        if self.width_lanes & (self.width_lanes - 1):
-            raise ValueError(f"LaunchConfig.width_lanes must be a power of two, got {self.width_lanes}")
-        if self.filter_max_slices > 65535:
-            raise ValueError(f"LaunchConfig.filter_max_slices must be <= 65535 (grid y limit), "
-                             f"got {self.filter_max_slices}")
-        for name in ("block_threads", "reduce_threads", "copy_threads"):
-            if getattr(self, name) > 1024:
-                raise ValueError(f"LaunchConfig.{name} must be <= 1024 (threads per block), got {getattr(self, name)}")
-        for name in ("channel_lanes", "width_lanes"):
-            if getattr(self, name) * self.filter_tap_rows > 1024:
-                raise ValueError(f"LaunchConfig.{name} * filter_tap_rows must be <= 1024 (threads per block), "
-                                 f"got {getattr(self, name)} * {self.filter_tap_rows}")
+        for name in ("width_lanes", "reduce_rows"):
+            value = getattr(self, name)
+            if value & (value - 1):
+                raise ValueError(f"LaunchConfig.{name} must be a power of two, got {value}")
+        for names in (("block_threads",), ("copy_threads",), ("channel_lanes", "filter_tap_rows"),
+                      ("width_lanes", "filter_tap_rows"), ("reduce_lanes", "reduce_rows")):
+            threads = math.prod(getattr(self, name) for name in names)
+            if threads > 1024:
+                raise ValueError(f"LaunchConfig.{' * '.join(names)} must be <= 1024 (threads per block), "
+                                 f"got {threads}")
 
 
 #: The launch configuration every op reads at call time.
@@ -686,17 +691,36 @@ def _backprop_filter_kernel(data_format, dtype_name):
 
 @functools.lru_cache(maxsize=None)
 def _reduce_kernel(dtype_name):
-    """Backprop filter, stage 2: out[i] = partial[0, i] + partial[1, i] + ... in that order, one rounding."""
-    _, narrow, _, _ = _kind(dtype_name)
+    """Backprop filter, stage 2: out[i] = the sum over slices of partial[:, i], in a fixed order.
+
+    Block: lanes over consecutive elements i x rows over slices. Row r adds slices r, r + rows, ...
+    in turn, then a shared-memory tree adds the rows; one rounding to the output dtype at the end.
+    """
+    _, narrow, acc_t, acc_nb = _kind(dtype_name)
 
     @cuda.jit
     def kernel(partial, out):
-        i = np.int64(cuda.blockIdx.x) * cuda.blockDim.x + cuda.threadIdx.x
-        if i < out.shape[0]:
-            acc = partial[0, i]
-            for s in range(1, partial.shape[0]):
+        slices, size = partial.shape
+        lanes = cuda.blockDim.x
+        rows = cuda.blockDim.y
+        tx = cuda.threadIdx.x
+        ty = cuda.threadIdx.y
+        i = np.int64(cuda.blockIdx.x) * lanes + tx
+        red = cuda.shared.array(0, acc_nb)  # [row][lane]
+        acc = acc_t(0)
+        if i < size:
+            for s in range(ty, slices, rows):
                 acc += partial[s, i]
-            out[i] = narrow(acc)
+        red[ty * lanes + tx] = acc
+        cuda.syncthreads()
+        half = rows // 2
+        while half > 0:
+            if ty < half:
+                red[ty * lanes + tx] += red[(ty + half) * lanes + tx]
+            cuda.syncthreads()
+            half //= 2
+        if ty == 0 and i < size:
+            out[i] = narrow(red[tx])
 
     return kernel
 
@@ -828,21 +852,34 @@ def backprop_filter_plan(geom, dtype, cfg=None) -> Plan:
     """Launch plan of backprop filter's stage 1; ``slices`` is the number of partial sums per tap and channel.
 
     It depends only on the shape and ``cfg``, never on the device, so the result is bitwise the
-    same on every run (and every GPU model, up to the compiler's contraction of multiply-adds).
+    same from run to run (and across GPU models, up to the compiler's contraction of multiply-adds).
     """
     cfg = cfg or CONFIG
     acc_size = spec.accumulator_dtype(dtype).itemsize
     taps = geom.filter_height * geom.filter_width
-    rows = geom.batch * geom.out_height
-    slices = max(1, min(_ceil_div(rows, cfg.filter_rows_per_slice), cfg.filter_max_slices))
-    tap_rows = min(cfg.filter_tap_rows, taps)
+    tap_rows = _ceil_div(taps, _ceil_div(taps, cfg.filter_tap_rows))  # even passes: 9 taps -> 5 + 4, not 8 + 1
     cm = geom.out_channels
+    rows = geom.batch * geom.out_height
     if geom.data_format == "NHWC":
         lanes = min(cfg.channel_lanes, _pow2_at_least(cm))
-        return Plan(grid=(slices, _ceil_div(cm, lanes)), block=(lanes, tap_rows), slices=slices)
-    lanes = min(cfg.width_lanes, _pow2_at_least(geom.out_width))
-    return Plan(grid=(cm, slices), block=(lanes, tap_rows), shared_bytes=lanes * tap_rows * acc_size,
+        tiles = _ceil_div(cm, lanes)
+    else:
+        lanes = min(cfg.width_lanes, _pow2_at_least(geom.out_width))
+        tiles = cm
+    slices = max(1, min(_ceil_div(cfg.filter_blocks, tiles), _ceil_div(rows, cfg.filter_min_rows), _MAX_GRID_Y))
+    if geom.data_format == "NHWC":
+        return Plan(grid=(slices, tiles), block=(lanes, tap_rows), slices=slices)
+    return Plan(grid=(tiles, slices), block=(lanes, tap_rows), shared_bytes=lanes * tap_rows * acc_size,
                 slices=slices)
+
+
+def reduce_plan(size, slices, dtype, cfg=None) -> Plan:
+    """Launch plan of backprop filter's stage 2 over ``size`` filter elements."""
+    cfg = cfg or CONFIG
+    rows = min(cfg.reduce_rows, _pow2_at_least(slices))
+    lanes = cfg.reduce_lanes
+    return Plan(grid=(_ceil_div(size, lanes),), block=(lanes, rows),
+                shared_bytes=lanes * rows * spec.accumulator_dtype(dtype).itemsize)
 
 
 # ---------------------------------------------------------------------------
@@ -978,7 +1015,7 @@ def _device_bias(bias, dtype, size):
         raise TypeError(f"bias dtype must be one of float16, bfloat16, float32, float64, got {bias.dtype}")
     widened = cuda.device_array(size, acc)
     if size:
-        threads = CONFIG.reduce_threads
+        threads = CONFIG.copy_threads
         _widen_kernel(bias.dtype.name)[_ceil_div(size, threads), threads](_flat_on_device(bias, bias.dtype), widened)
     return widened
 
@@ -1035,7 +1072,7 @@ def backprop_filter(x, dy, geom, out=None):
         partial = cuda.device_array((plan.slices, size), acc)
         stage1[plan.grid, plan.block, 0, plan.shared_bytes](
             _flat_on_device(x, dtype), _flat_on_device(dy, dtype), partial, _dims(geom))
-        threads = CONFIG.reduce_threads
-        stage2[_ceil_div(size, threads), threads](partial, result.reshape(size))
+        plan2 = reduce_plan(size, plan.slices, dtype)
+        stage2[plan2.grid, plan2.block, 0, plan2.shared_bytes](partial, result.reshape(size))
 
     return _run(geom.filter_shape, dtype, out, _host_inputs(x, dy), (x, dy), launch)

@@ -10,6 +10,7 @@ device; tests marked ``gpu`` (realistic shapes, foreign ``__cuda_array_interface
 more than 2**31 elements) run only there. The unavailable-backend messages are tested everywhere.
 """
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -53,7 +54,8 @@ def small_blocks(request):
         yield
         return
     with nbcuda.launch_config(block_threads=8, channel_lanes=4, width_lanes=4, pixels_per_thread=2,
-                              filter_tap_rows=2, filter_rows_per_slice=2, reduce_threads=8, copy_threads=8):
+                              filter_tap_rows=2, filter_blocks=24, filter_min_rows=1, reduce_lanes=4,
+                              reduce_rows=2, copy_threads=8):
         yield
 
 
@@ -178,6 +180,8 @@ def test_small_blocks_span_many_blocks_and_slices(fmt):
         assert np.prod(plan.grid) > 4 and plan.staged
     bf = nbcuda.backprop_filter_plan(geom, np.float32)
     assert bf.slices >= 3 and np.prod(bf.grid) >= 3 * 2
+    reduce = nbcuda.reduce_plan(3 * 2 * 6, bf.slices, np.float32)
+    assert reduce.grid[0] > 1 and reduce.block[1] > 1  # several blocks, and a tree over slice rows
 
 
 # --------------------------------------------------------------------------- fused epilogue
@@ -226,7 +230,10 @@ def test_backprop_filter_is_bitwise_repeatable(fmt):
         np.testing.assert_array_equal(run("backprop_filter", cfg, "cuda", x, dy=dy).view(np.uint32),
                                       first.view(np.uint32))
     # another slicing adds in another order: equal up to rounding, and still correct
-    with nbcuda.launch_config(filter_rows_per_slice=1):
+    geom = nbdw.spec.forward_geometry(cfg["input_shape"], cfg["filter_shape"], *_args(cfg))
+    with nbcuda.launch_config(filter_blocks=4):
+        assert nbcuda.backprop_filter_plan(geom, np.float32).slices != nbcuda.backprop_filter_plan(
+            geom, np.float32, dataclasses.replace(nbcuda.CONFIG, filter_blocks=24)).slices
         other = run("backprop_filter", cfg, "cuda", x, dy=dy)
     np.testing.assert_allclose(other, first, rtol=1e-5, atol=1e-5)
 
@@ -392,6 +399,10 @@ def test_empty_tensors(fmt):
 
 @needs_cuda
 def test_launch_config_is_validated():
+    with pytest.raises(ValueError, match="reduce_rows must be a power of two"):
+        nbcuda.LaunchConfig(reduce_rows=3)
+    with pytest.raises(ValueError, match="channel_lanes \\* filter_tap_rows must be <= 1024"):
+        nbcuda.LaunchConfig(channel_lanes=64, filter_tap_rows=32)
     with pytest.raises(ValueError, match="width_lanes must be a power of two"):
         nbcuda.LaunchConfig(width_lanes=6)
     with pytest.raises(ValueError, match="block_threads must be a positive integer"):
