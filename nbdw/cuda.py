@@ -33,6 +33,7 @@ import contextlib
 import dataclasses
 import functools
 import math
+import threading
 
 import ml_dtypes
 import numpy as np
@@ -991,6 +992,24 @@ def _run(shape, dtype, out, host_result, inputs, launch):
     return out
 
 
+_SCRATCH = threading.local()
+
+
+def _scratch(size, dtype):
+    """A reusable device buffer of at least ``size`` elements (the partial sums of backprop filter).
+
+    Reused from call to call, so the hot path makes no cudaMalloc. One per host thread: the calls
+    of one thread go to one stream in order, so a later call's stage 1 runs only after this
+    call's stage 2 has read the buffer.
+    """
+    dtype = np.dtype(dtype)
+    buffers = _SCRATCH.__dict__.setdefault("buffers", {})
+    buffer = buffers.get(dtype)
+    if buffer is None or buffer.size < size:
+        buffer = buffers[dtype] = cuda.device_array(max(size, 2 * (0 if buffer is None else buffer.size)), dtype)
+    return buffer[:size]
+
+
 def _dims(geom):
     """The geometry tuple every kernel unpacks (see the Kernels section)."""
     return (geom.batch, geom.in_height, geom.in_width, geom.channels, geom.multiplier,
@@ -1069,7 +1088,7 @@ def backprop_filter(x, dy, geom, out=None):
 
     def launch(result):
         size = kh * kw * cm
-        partial = cuda.device_array((plan.slices, size), acc)
+        partial = _scratch(plan.slices * size, acc).reshape(plan.slices, size)
         stage1[plan.grid, plan.block, 0, plan.shared_bytes](
             _flat_on_device(x, dtype), _flat_on_device(dy, dtype), partial, _dims(geom))
         plan2 = reduce_plan(size, plan.slices, dtype)
