@@ -170,9 +170,11 @@ def unavailable_reason():
 
 
 def _simulating() -> bool:
-    from numba.cuda.core import config as cuda_config
-
-    return bool(cuda_config.ENABLE_CUDASIM)
+    try:
+        from numba.cuda.core import config
+    except ImportError:  # older numba-cuda releases read numba's own config
+        from numba.core import config
+    return bool(config.ENABLE_CUDASIM)
 
 
 # ---------------------------------------------------------------------------

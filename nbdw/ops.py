@@ -24,9 +24,21 @@ def _backend(backend, *arrays):
 
 def _check_out(out, shape, dtype):
     if out is not None:
+        iface = getattr(out, "__cuda_array_interface__", None)
+        if iface is not None and not _has_numpy_dtype(out):
+            # PyTorch tensors (torch dtypes are not NumPy's) and bare interface objects
+            spec.check_out(iface["shape"], iface["typestr"], shape, dtype)
+            return
         if not (hasattr(out, "shape") and hasattr(out, "dtype")):
             raise TypeError(f"out must be an array or None, got {type(out).__name__}")
         spec.check_out(out.shape, out.dtype, shape, dtype)
+
+
+def _has_numpy_dtype(array):
+    try:
+        return type(array.dtype).__module__.startswith("numpy")
+    except AttributeError:
+        return False
 
 
 def depthwise_conv2d(input, filter, strides, padding, data_format=None, dilations=None, name=None,

@@ -377,6 +377,18 @@ def test_out_on_the_device(op):
 
 
 @needs_cuda
+def test_out_given_only_as_a_cuda_array_interface_is_validated():
+    """PyTorch-style out (no NumPy dtype): shape and dtype are read from the interface and checked."""
+    class InterfaceOnly:
+        __cuda_array_interface__ = {"shape": (2, 3, 4, 5), "typestr": "<f4", "data": (0, False), "version": 3}
+
+    cfg = make_cfg("NHWC", *CASES["same-s2x1-m2"])
+    x, f, _ = data(cfg, np.float32)
+    with pytest.raises(ValueError, match=r"out has shape \(2, 3, 4, 5\), expected \(2, 3, 4, 6\)"):
+        run("forward", cfg, "cuda", x, f, out=InterfaceOnly())
+
+
+@needs_cuda
 def test_out_aliasing_a_device_input():
     """In-place forward (out is the input's own buffer) reads the original input."""
     cfg = make_cfg("NHWC", 1, 5, 4, 3, 1, 3, 3, 1, 1, 1, 1, "SAME")
@@ -503,6 +515,9 @@ def test_torch_tensors():
     got = nbdw.depthwise_conv2d(x, f, [1, 1, 1, 1], "SAME")
     expected = nbdw.depthwise_conv2d(x.cpu().numpy(), f.cpu().numpy(), [1, 1, 1, 1], "SAME")
     np.testing.assert_allclose(got.copy_to_host(), expected, rtol=1e-5, atol=1e-5)
+    out = torch.empty(2, 8, 9, 10, device="cuda")
+    assert nbdw.depthwise_conv2d(x, f, [1, 1, 1, 1], "SAME", out=out) is out
+    np.testing.assert_allclose(out.cpu().numpy(), expected, rtol=1e-5, atol=1e-5)
     # torch's own depthwise convolution agrees (NCHW input, filter as (C*M, 1, KH, KW))
     y = torch.nn.functional.conv2d(x.permute(0, 3, 1, 2), f.permute(2, 3, 0, 1).reshape(10, 1, 3, 3),
                                    padding=1, groups=5)
