@@ -285,6 +285,38 @@ def test_local_cluster_with_worker_processes():
     np.testing.assert_array_equal(bits(got), bits(want))
 
 
+def test_host_chunks_on_the_cuda_backend_in_the_simulator():
+    pytest.importorskip("numba.cuda")
+    # Blocks of host chunks run on the GPU backend (copied in and out per block); the simulator must
+    # be switched on before Numba is imported, hence a process of its own.
+    code = """
+import numpy as np, dask.array as da, nbdw, nbdw.dask as nd
+from nbdw import backends
+cuda_backend = backends.load("cuda")
+calls = []
+launch = cuda_backend.forward
+cuda_backend.forward = lambda *a, **k: calls.append(1) or launch(*a, **k)
+rng = np.random.default_rng(4)
+for fmt, shape, chunks, strides, dtype in [("NHWC", (2, 9, 8, 3), (1, 4, 3, 2), [1, 2, 1, 1], np.float32),
+                                           ("NCHW", (1, 3, 7, 9), (1, 3, 2, 4), [1, 1, 1, 2], np.float16)]:
+    x = rng.standard_normal(shape).astype(dtype)
+    f = rng.standard_normal((3, 2, 3, 2)).astype(dtype)
+    want = nbdw.depthwise_conv2d_native(x, f, strides, "SAME", fmt, backend="cuda")
+    y = nd.depthwise_conv2d_native(da.from_array(x, chunks=chunks), f, strides, "SAME", fmt, backend="cuda")
+    calls.clear()
+    got = y.compute(scheduler="sync")
+    assert len(calls) == y.npartitions > 1, (len(calls), y.npartitions)  # every block ran on the backend
+    assert type(got) is np.ndarray and got.dtype == want.dtype
+    assert np.array_equal(got.view(f"u{got.itemsize}"), want.view(f"u{want.itemsize}")), fmt
+print("ok")
+"""
+    proc = _run_python(code, NUMBA_ENABLE_CUDASIM="1")
+    if "BackendUnavailableError" in proc.stderr:
+        pytest.skip(proc.stderr.strip().splitlines()[-1])
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "ok"
+
+
 # ---------------------------------------------------------------------------
 # CuPy-backed chunks (real GPU only)
 # ---------------------------------------------------------------------------
