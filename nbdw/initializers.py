@@ -37,9 +37,15 @@ __all__ = [
 TRUNCATED_NORMAL_STDDEV = .87962566103423978
 
 
-def compute_fans(shape):
-    """``(fan_in, fan_out)`` of a weight shape, as Keras computes them."""
+def compute_fans(shape, input_axes=None, output_axes=None):
+    """``(fan_in, fan_out)`` of a weight shape, as Keras computes them.
+
+    With both ``input_axes`` and ``output_axes`` given (Keras >= 3.12), the fans are the
+    products of those axes instead.
+    """
     shape = tuple(shape)
+    if input_axes is not None and output_axes is not None:
+        return int(np.prod([shape[a] for a in input_axes])), int(np.prod([shape[a] for a in output_axes]))
     if len(shape) < 1:
         return 1, 1
     if len(shape) == 1:
@@ -171,7 +177,8 @@ class VarianceScaling(_Random):
     MODES = ("fan_in", "fan_out", "fan_avg")
     DISTRIBUTIONS = ("truncated_normal", "untruncated_normal", "uniform")
 
-    def __init__(self, scale=1.0, mode="fan_in", distribution="truncated_normal", seed=None):
+    def __init__(self, scale=1.0, mode="fan_in", distribution="truncated_normal", seed=None,
+                 input_axes=None, output_axes=None):
         if not isinstance(scale, (numbers.Real, np.floating)) or not scale > 0:
             raise ValueError(f"VarianceScaling scale must be a positive float, got {scale!r}")
         if mode not in self.MODES:
@@ -183,11 +190,12 @@ class VarianceScaling(_Random):
             raise ValueError(f"VarianceScaling distribution must be one of {self.DISTRIBUTIONS} or 'normal', "
                              f"got {distribution!r}")
         self.scale, self.mode, self.distribution = scale, mode, dist
+        self.input_axes, self.output_axes = input_axes, output_axes
         super().__init__(seed)
 
     def variance(self, shape) -> float:
         """The variance of the draws for ``shape``: ``scale / max(1, n)``."""
-        fan_in, fan_out = compute_fans(shape)
+        fan_in, fan_out = compute_fans(shape, self.input_axes, self.output_axes)
         n = {"fan_in": fan_in, "fan_out": fan_out, "fan_avg": (fan_in + fan_out) / 2.0}[self.mode]
         return self.scale / max(1.0, n)
 
@@ -204,15 +212,22 @@ class VarianceScaling(_Random):
         return _as_dtype(values, dtype)
 
     def get_config(self):
-        return {"seed": self.seed, "scale": self.scale, "mode": self.mode, "distribution": self.distribution}
+        return {"seed": self.seed, "scale": self.scale, "mode": self.mode, "distribution": self.distribution,
+                **self._axes_config()}
+
+    def _axes_config(self):
+        # Keras >= 3.12 writes fan axes; left out when unset so older Keras configs round-trip as-is.
+        if self.input_axes is None and self.output_axes is None:
+            return {}
+        return {"input_axes": self.input_axes, "output_axes": self.output_axes}
 
 
 def _preset(name, scale, mode, distribution, doc):
-    def __init__(self, seed=None):
-        VarianceScaling.__init__(self, scale, mode, distribution, seed)
+    def __init__(self, seed=None, input_axes=None, output_axes=None):
+        VarianceScaling.__init__(self, scale, mode, distribution, seed, input_axes, output_axes)
 
     def get_config(self):
-        return {"seed": self.seed}
+        return {"seed": self.seed, **self._axes_config()}
 
     return type(name, (VarianceScaling,), {"__init__": __init__, "get_config": get_config, "__doc__": doc,
                                            "__module__": __name__})

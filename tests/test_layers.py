@@ -951,3 +951,17 @@ def test_matches_keras_when_installed():
     layer.set_weights([np.asarray(w) for w in k_layer.get_weights()])
     np.testing.assert_allclose(layer(x), y_keras, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(layer.losses, [float(v) for v in k_layer.losses], rtol=1e-5)
+
+
+def test_initializer_fan_axes_of_newer_keras():
+    """Keras >= 3.12 writes input_axes/output_axes into initializer configs (found against Keras 3.15)."""
+    from nbdw import initializers
+
+    assert initializers.compute_fans((3, 3, 8, 2), input_axes=[0, 1, 2], output_axes=[3]) == (72, 2)
+    init = initializers.get({"class_name": "GlorotUniform", "config": {"seed": 1, "input_axes": None,
+                                                                       "output_axes": None}})
+    assert init.variance((3, 3, 8, 2)) == pytest.approx(1.0 / ((72 + 18) / 2))
+    init = initializers.get({"class_name": "HeNormal", "config": {"seed": 1, "input_axes": [0, 1],
+                                                                  "output_axes": [3]}})
+    assert init.variance((3, 3, 8, 2)) == pytest.approx(2.0 / 9)
+    assert init.get_config()["input_axes"] == [0, 1]
