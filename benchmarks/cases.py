@@ -150,11 +150,12 @@ def backend_unavailable(backend):
     return None
 
 
-def nbdw_call(op, layer, geom, data, backend="cpu"):
+def nbdw_call(op, layer, geom, data, backend="cpu", synchronize=True):
     """A no-argument callable that runs nbdw's ``op`` on ``data`` through the public API.
 
-    For ``backend="cuda"`` the arrays in ``data`` must already be on the device; the callable
-    waits for the GPU so that a wall-clock timer sees the kernel's time.
+    For ``backend="cuda"`` the arrays in ``data`` must already be on the device; with
+    ``synchronize`` the callable waits for the GPU, so that a wall-clock timer sees the kernel's
+    time (the peer harness times with CUDA events instead and passes False).
     """
     import nbdw
 
@@ -176,7 +177,7 @@ def nbdw_call(op, layer, geom, data, backend="cpu"):
             return nbdw.depthwise_conv2d_native_backprop_filter(x, sizes, dy, st, PADDING, fmt, dil, backend=backend)
     else:
         raise ValueError(f"op must be one of {OPS}, got {op!r}")
-    if backend != "cuda":
+    if backend != "cuda" or not synchronize:
         return run
     from numba import cuda
 
