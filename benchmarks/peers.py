@@ -285,7 +285,7 @@ def _cuda_sample(torch):
 
 
 def interleaved_medians(calls, repeat, sample):
-    """Median seconds per call of each entry of ``calls``, timed in rotated interleaved rounds."""
+    """Median and minimum seconds per call of each entry of ``calls``, in rotated interleaved rounds."""
     names = list(calls)
     number = {}
     for name in names:  # warm up, then size each sample to about TARGET_SAMPLE_SECONDS
@@ -303,7 +303,8 @@ def interleaved_medians(calls, repeat, sample):
     finally:
         if gc_was_enabled:
             gc.enable()
-    return {name: statistics.median(ts) for name, ts in times.items()}, number
+    return ({name: statistics.median(ts) for name, ts in times.items()},
+            {name: min(ts) for name, ts in times.items()}, number)
 
 
 def _load_reference():
@@ -444,8 +445,43 @@ def set_threads(threads, device):
     return threads
 
 
+class Contention:
+    """CPUs kept busy by other processes: from /proc/stat minus this process's own CPU time.
+
+    On a shared machine this says how far to trust a run. None where /proc/stat is missing.
+    """
+
+    @staticmethod
+    def _busy_seconds():
+        try:
+            with open("/proc/stat") as fh:
+                fields = [int(v) for v in fh.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+        return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+    def _others_since(self, busy0, own0, wall0):
+        busy = self._busy_seconds()
+        if busy is None or busy0 is None:
+            return None
+        own = sum(os.times()[:4])
+        return max(0.0, (busy - busy0) - (own - own0)) / (time.perf_counter() - wall0)
+
+    def start(self):
+        busy0, own0, wall0 = self._busy_seconds(), sum(os.times()[:4]), time.perf_counter()
+        time.sleep(1.0)
+        self.before = self._others_since(busy0, own0, wall0)
+        self._mark = (self._busy_seconds(), sum(os.times()[:4]), time.perf_counter())
+        return self
+
+    def stop(self):
+        return self._others_since(*self._mark)
+
+
 def main(argv=None):
     args = parse_args(argv)
+    contention = Contention().start()
     device = resolve_device(args.device)
     threads = set_threads(args.threads, device)
     nbdw_runner = NbdwRunner(device)
@@ -495,25 +531,35 @@ def main(argv=None):
                             continue
                         checks[name] = _check(reference, result, dtype) if getattr(calls[name], "exact", True) \
                             else "not checked (symmetric padding stands in for asymmetric SAME)"
-                    medians, number = interleaved_medians(calls, args.repeat, sample)
+                    medians, minima, number = interleaved_medians(calls, args.repeat, sample)
                     record = {
                         "op": op, "layer": layer_name, "layout": layout, "dtype": dtype, "batch": args.batch,
                         "device": device, "bytes": cases.bytes_moved(op, geom, dtype),
                         "ms": {name: medians[name] * 1e3 for name in medians},
+                        "min_ms": {name: minima[name] * 1e3 for name in minima},
                         "calls_per_sample": number, "check": checks, "unsupported": notes,
                         "exact_padding": exact,
                     }
                     record["ratio"] = {name: medians["nbdw"] / medians[name] for name in medians if name != "nbdw"}
+                    record["min_ratio"] = {name: minima["nbdw"] / minima[name] for name in minima if name != "nbdw"}
                     records.append(record)
                     _print_row(record, [r.name for r in runners], first=len(records) == 1)
     summary = _summary(records, [r.name for r in peers])
-    _print_summary(summary)
+    _print_summary(summary, "of medians")
+    summary_min = _summary(records, [r.name for r in peers], "min_ratio")
+    _print_summary(summary_min, "of minima (the least disturbed sample)")
+    others = contention.stop()
+    if others is not None:
+        print(f"\nother processes kept {others:.2f} CPUs busy on average during the run "
+              f"(before it: {contention.before:.2f}); above 0.1 with --threads equal to the core count, "
+              f"expect disturbed timings")
     out = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": "python -m benchmarks.peers " + " ".join(sys.argv[1:] if argv is None else argv),
         "machine": machine_info(), "device": device, "threads": threads, "batch": args.batch,
         "rounds": args.repeat, "found": [r.describe() for r in runners], "not_found": missing,
-        "results": records, "geomean_ratio": summary,
+        "results": records, "geomean_ratio": summary, "geomean_min_ratio": summary_min,
+        "other_processes_cpus": {"before": contention.before, "during": others},
     }
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
@@ -541,7 +587,7 @@ def _print_row(rec, names, first):
         print(f"    {n} n/a: {why}")
 
 
-def _summary(records, peers):
+def _summary(records, peers, key="ratio"):
     """Geometric-mean nbdw/peer ratio per op (all layouts), and per op and layout.
 
     A peer's case counts only when its result was right (checked ok, inexact or unchecked):
@@ -556,7 +602,7 @@ def _summary(records, peers):
             if not sel:
                 continue
             label = f"{op} {dtype} {layout or 'all layouts'}"
-            out[label] = {p: geomean([r["ratio"].get(p) for r in sel
+            out[label] = {p: geomean([r[key].get(p) for r in sel
                                       if not r["check"].get(p, "").startswith("WRONG")]) for p in peers}
             out[label]["cases"] = len(sel)
             out[label]["left_out"] = {p: sum(1 for r in sel if p not in r["ratio"]
@@ -564,11 +610,11 @@ def _summary(records, peers):
     return out
 
 
-def _print_summary(summary):
+def _print_summary(summary, what):
     if not summary:
         return
     peers = [k for k in next(iter(summary.values())) if k not in ("cases", "left_out")]
-    print("\ngeometric mean of nbdw/peer time ratios (below 1: nbdw faster); "
+    print(f"\ngeometric mean of nbdw/peer time ratios {what} (below 1: nbdw faster); "
           "(-k): k cases left out, the peer being n/a or WRONG there")
     print(f"{'':36}" + "".join(f"{'nbdw/' + p:>14}" for p in peers) + f"{'cases':>7}")
     for label, ratios in summary.items():
