@@ -84,7 +84,12 @@ class NbdwRunner:
     def describe(self):
         import numba
 
-        return f"nbdw {self.version} (numba {numba.__version__}, {self.device} backend)"
+        try:
+            layer = numba.threading_layer()
+        except ValueError:  # chosen at the first parallel call
+            layer = f"{numba.config.THREADING_LAYER} (not yet started)"
+        return f"nbdw {self.version} (numba {numba.__version__}, {self.device} backend, " \
+               f"{numba.get_num_threads()} threads, threading layer {layer})"
 
     def prepare(self, op, layer, geom, data):
         if self.device == "cpu":
@@ -127,8 +132,8 @@ class TorchRunner:
         self.version = torch.__version__
 
     def describe(self):
-        extra = f"oneDNN {self.torch.backends.mkldnn.is_available()}" if self.device == "cpu" else \
-            f"CUDA {self.torch.version.cuda}, {self.torch.cuda.get_device_name()}"
+        extra = f"oneDNN {self.torch.backends.mkldnn.is_available()}, {self.torch.get_num_threads()} threads" \
+            if self.device == "cpu" else f"CUDA {self.torch.version.cuda}, {self.torch.cuda.get_device_name()}"
         return f"torch {self.version} ({extra})"
 
     @staticmethod
@@ -214,7 +219,8 @@ class TensorFlowRunner:
         self.version = tf.__version__
 
     def describe(self):
-        return f"tensorflow {self.version} (CPU, eager)"
+        threads = self.tf.config.threading.get_intra_op_parallelism_threads()
+        return f"tensorflow {self.version} (CPU, eager, {threads} intra-op threads)"
 
     def prepare(self, op, layer, geom, data):
         tf = self.tf
