@@ -403,6 +403,8 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"),
                    help="cpu; cuda (nbdw's CUDA backend against PyTorch CUDA); auto: cuda when available")
     p.add_argument("--json", default=os.path.join(".asv", "peers.json"), help="where to write the results")
+    p.add_argument("--markdown", metavar="JSON", default=None,
+                   help="print the results saved in JSON as Markdown tables (for docs/performance.md) and exit")
     args = p.parse_args(argv)
     if args.layers is None:
         args.layers = list(cases.DEFAULT_LAYERS) if args.quick else [layer.name for layer in cases.LAYERS]
@@ -485,8 +487,38 @@ class Contention:
         return self._others_since(*self._mark)
 
 
+def markdown(results):
+    """Markdown tables of a saved run: one row per case, then the geometric means."""
+    names = ["nbdw"] + [n for n in ("torch", "tf") if any(n in r["ms"] or n in r["unsupported"]
+                                                         for r in results["results"])]
+    lines = ["| op | layer | layout | " + " | ".join(f"{n} ms" for n in names) + " | "
+             + " | ".join(f"nbdw/{n}" for n in names[1:]) + " |",
+             "|" + " --- |" * (3 + 2 * len(names) - 1)]
+    for r in results["results"]:
+        wrong = {n for n, c in r["check"].items() if c.startswith("WRONG")}
+        times = [f"{r['ms'][n]:.3f}" + (" (wrong)" if n in wrong else "") if n in r["ms"] else "n/a" for n in names]
+        ratios = [f"{r['ratio'][n]:.2f}" if n in r["ratio"] else "n/a" for n in names[1:]]
+        layer = r["layer"] + ("~" if not r.get("exact_padding", True) else "")
+        lines.append(f"| {r['op']} | {layer} | {r['layout']} | " + " | ".join(times + ratios) + " |")
+    for key, what in (("geomean_ratio", "medians"), ("geomean_min_ratio", "minima")):
+        if key not in results:
+            continue
+        lines += ["", f"Geometric mean of nbdw/peer ratios of {what} (a peer's n/a or wrong cases left out):", "",
+                  "| op, dtype, layout | " + " | ".join(f"nbdw/{n}" for n in names[1:]) + " | cases |",
+                  "|" + " --- |" * (len(names) + 1)]
+        for label, g in results[key].items():
+            cells = [(f"{g[n]:.2f}" if g.get(n) is not None else "n/a")
+                     + (f" ({g['left_out'][n]} left out)" if g["left_out"].get(n) else "") for n in names[1:]]
+            lines.append(f"| {label} | " + " | ".join(cells) + f" | {g['cases']} |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.markdown:
+        with open(args.markdown) as fh:
+            print(markdown(json.load(fh)))
+        return None
     contention = Contention().start()
     device = resolve_device(args.device)
     threads = set_threads(args.threads, device)
