@@ -402,6 +402,12 @@ def parse_args(argv=None):
     p.add_argument("--peers", default="torch,tf", type=lambda s: _csv(s, ("torch", "tf"), "peers"))
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"),
                    help="cpu; cuda (nbdw's CUDA backend against PyTorch CUDA); auto: cuda when available")
+    p.add_argument("--max-busy", type=float, default=0.1, help="CPUs other processes may use while a case is "
+                   "timed (from /proc/stat) before the case is timed again (default 0.1)")
+    p.add_argument("--retries", type=int, default=3, help="times a disturbed case is timed again after waiting "
+                   "for quiet (default 3); a case still disturbed is flagged")
+    p.add_argument("--max-wait", type=float, default=900, help="seconds the whole run may spend waiting for "
+                   "quiet (default 900); after that, disturbed cases are flagged, not retried")
     p.add_argument("--json", default=os.path.join(".asv", "peers.json"), help="where to write the results")
     p.add_argument("--markdown", metavar="JSON", default=None,
                    help="print the results saved in JSON as Markdown tables (for docs/performance.md) and exit")
@@ -456,7 +462,8 @@ def set_threads(threads, device):
 class Contention:
     """CPUs kept busy by other processes: from /proc/stat minus this process's own CPU time.
 
-    On a shared machine this says how far to trust a run. None where /proc/stat is missing.
+    On a shared machine this says how far to trust a timing. Every method returns None where
+    /proc/stat is missing.
     """
 
     @staticmethod
@@ -469,22 +476,37 @@ class Contention:
         idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
         return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
-    def _others_since(self, busy0, own0, wall0):
+    def mark(self):
+        return self._busy_seconds(), sum(os.times()[:4]), time.perf_counter()
+
+    def others_since(self, mark):
+        """Average number of CPUs other processes used since ``mark``."""
+        busy0, own0, wall0 = mark
         busy = self._busy_seconds()
         if busy is None or busy0 is None:
             return None
         own = sum(os.times()[:4])
-        return max(0.0, (busy - busy0) - (own - own0)) / (time.perf_counter() - wall0)
+        return max(0.0, (busy - busy0) - (own - own0)) / max(time.perf_counter() - wall0, 1e-3)
 
     def start(self):
-        busy0, own0, wall0 = self._busy_seconds(), sum(os.times()[:4]), time.perf_counter()
+        mark = self.mark()
         time.sleep(1.0)
-        self.before = self._others_since(busy0, own0, wall0)
-        self._mark = (self._busy_seconds(), sum(os.times()[:4]), time.perf_counter())
+        self.before = self.others_since(mark)
+        self._run_mark = self.mark()
         return self
 
     def stop(self):
-        return self._others_since(*self._mark)
+        return self.others_since(self._run_mark)
+
+    def wait_quiet(self, max_busy, timeout):
+        """Wait (up to ``timeout`` s) for a second in which other processes stay under ``max_busy`` CPUs."""
+        deadline = time.perf_counter() + timeout
+        while True:
+            mark = self.mark()
+            time.sleep(1.0)
+            busy = self.others_since(mark)
+            if busy is None or busy <= max_busy or time.perf_counter() > deadline:
+                return busy
 
 
 def markdown(results):
@@ -498,7 +520,8 @@ def markdown(results):
         wrong = {n for n, c in r["check"].items() if c.startswith("WRONG")}
         times = [f"{r['ms'][n]:.3f}" + (" (wrong)" if n in wrong else "") if n in r["ms"] else "n/a" for n in names]
         ratios = [f"{r['ratio'][n]:.2f}" if n in r["ratio"] else "n/a" for n in names[1:]]
-        layer = r["layer"] + ("~" if not r.get("exact_padding", True) else "")
+        disturbed = (r.get("other_processes_cpus") or 0) > r.get("max_busy", 1e9)
+        layer = r["layer"] + ("~" if not r.get("exact_padding", True) else "") + (" (!)" if disturbed else "")
         lines.append(f"| {r['op']} | {layer} | {r['layout']} | " + " | ".join(times + ratios) + " |")
     for key, what in (("geomean_ratio", "medians"), ("geomean_min_ratio", "minima")):
         if key not in results:
@@ -534,7 +557,7 @@ def main(argv=None):
     naive = _load_reference()
     print("results checked against " + ("tests/naive.py (float64)" if naive else "nbdw (tests/naive.py not found)"))
 
-    records = []
+    records, waited = [], 0.0
     for op in args.ops:
         for dtype in args.dtypes:
             for layout in args.layouts:
@@ -569,13 +592,24 @@ def main(argv=None):
                             continue
                         checks[name] = _check(reference, result, dtype) if getattr(calls[name], "exact", True) \
                             else "not checked (symmetric padding stands in for asymmetric SAME)"
-                    medians, minima, number = interleaved_medians(calls, args.repeat, sample)
+                    for attempt in range(args.retries + 1):
+                        mark = contention.mark()
+                        medians, minima, number = interleaved_medians(calls, args.repeat, sample)
+                        busy = contention.others_since(mark)
+                        if busy is None or busy <= args.max_busy or attempt == args.retries or waited >= args.max_wait:
+                            break
+                        print(f"    (other processes used {busy:.2f} CPUs while timing "
+                              f"{op} {layer_name} {layout}: waiting for quiet, then again)", flush=True)
+                        t0 = time.perf_counter()
+                        contention.wait_quiet(args.max_busy, min(120, args.max_wait - waited))
+                        waited += time.perf_counter() - t0
                     record = {
                         "op": op, "layer": layer_name, "layout": layout, "dtype": dtype, "batch": args.batch,
                         "device": device, "bytes": cases.bytes_moved(op, geom, dtype),
                         "ms": {name: medians[name] * 1e3 for name in medians},
                         "min_ms": {name: minima[name] * 1e3 for name in minima},
                         "calls_per_sample": number, "check": checks, "unsupported": notes,
+                        "other_processes_cpus": busy, "attempts": attempt + 1, "max_busy": args.max_busy,
                         "exact_padding": exact,
                     }
                     record["ratio"] = {name: medians["nbdw"] / medians[name] for name in medians if name != "nbdw"}
@@ -616,11 +650,13 @@ def _print_row(rec, names, first):
         print(head)
         print("-" * len(head))
     mark = "" if rec["exact_padding"] else "~"
+    busy = rec.get("other_processes_cpus")
+    flag = f"  [others used {busy:.2f} CPUs]" if busy is not None and busy > rec.get("max_busy", 1e9) else ""
     cells = "".join(f"{rec['ms'][n]:11.3f}" if n in rec["ms"] else f"{'n/a':>11}" for n in names)
     ratios = "".join(f"{rec['ratio'][n]:12.2f}" if n in rec["ratio"] else f"{'n/a':>12}" for n in names[1:])
     wrong = [f"{n} {c}" for n, c in rec["check"].items() if c != "ok" and not c.startswith("not checked")]
     print(f"{rec['op']:16}{rec['layer'] + mark:22}{rec['layout']:7}{rec['dtype']:9}{cells}{ratios}"
-          + ("  " + "; ".join(wrong) if wrong else ""), flush=True)
+          + ("  " + "; ".join(wrong) if wrong else "") + flag, flush=True)
     for n, why in rec["unsupported"].items():
         print(f"    {n} n/a: {why}")
 
