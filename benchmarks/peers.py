@@ -622,9 +622,9 @@ def main(argv=None):
     _print_summary(summary_min, "of minima (the least disturbed sample)")
     others = contention.stop()
     if others is not None:
-        print(f"\nother processes kept {others:.2f} CPUs busy on average during the run "
-              f"(before it: {contention.before:.2f}); above 0.1 with --threads equal to the core count, "
-              f"expect disturbed timings")
+        print(f"\nother processes kept {others:.2f} CPUs busy on average during the run, waits included "
+              f"(before it: {contention.before:.2f}); cases timed while they used more than {args.max_busy} "
+              f"CPUs: {sum(1 for r in records if (r['other_processes_cpus'] or 0) > args.max_busy)}")
     out = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": "python -m benchmarks.peers " + " ".join(sys.argv[1:] if argv is None else argv),
