@@ -7,9 +7,11 @@ Run from the repository root (so that ``import nbdw`` and ``benchmarks.cases`` r
 For every case (op x layer x layout x dtype) each library gets the same operands (drawn once in
 float32 by :func:`benchmarks.cases.make_operands`). The libraries are interleaved: round ``r``
 times each of them once, in an order rotated every round, and the reported time is the median
-over rounds. Each timed sample is ``number`` back-to-back calls (enough for ~20 ms) right after
-one untimed call of the same library, so that another library's idle worker threads and cold
-caches do not land in it. Only the op is timed: operands are built and converted beforehand.
+over rounds. Each timed sample is ``number`` back-to-back calls (enough for ~20 ms), after a
+15 ms pause and one untimed call of the same library, so that another library's spinning worker
+threads and cold caches do not land in it. On a shared machine, a case timed while other
+processes used more than ``--max-busy`` CPUs is timed again after a quiet second. Only the op
+is timed: operands are built and converted beforehand.
 
 Peers are optional; the script says which it found. What each peer runs:
 
@@ -389,17 +391,21 @@ def _csv(text, allowed, what):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m benchmarks.peers", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ops", default=",".join(cases.OPS), type=lambda s: _csv(s, cases.OPS, "ops"))
-    p.add_argument("--layouts", default="NHWC,NCHW", type=lambda s: _csv(s, cases.LAYOUTS, "layouts"))
-    p.add_argument("--dtypes", default="float32", type=lambda s: _csv(s, cases.DTYPES, "dtypes"))
+    p.add_argument("--ops", default=",".join(cases.OPS), type=lambda s: _csv(s, cases.OPS, "ops"),
+                   help=f"comma-separated subset of {','.join(cases.OPS)} (default: all)")
+    p.add_argument("--layouts", default="NHWC,NCHW", type=lambda s: _csv(s, cases.LAYOUTS, "layouts"),
+                   help="NHWC, NCHW or both (default: both)")
+    p.add_argument("--dtypes", default="float32", type=lambda s: _csv(s, cases.DTYPES, "dtypes"),
+                   help=f"comma-separated subset of {','.join(cases.DTYPES)} (default: float32)")
     p.add_argument("--layers", default=None, help="comma-separated layer names (default: the whole table; "
                    "--quick: the asv default subset)")
-    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--batch", type=int, default=8, help="batch size (default 8)")
     p.add_argument("--threads", type=int, default=None, help="threads for every library (default: all cores "
                    "Numba may use)")
     p.add_argument("--repeat", type=int, default=None, help="interleaved rounds per case (default 15, --quick 5)")
     p.add_argument("--quick", action="store_true", help="the asv default layers and 5 rounds")
-    p.add_argument("--peers", default="torch,tf", type=lambda s: _csv(s, ("torch", "tf"), "peers"))
+    p.add_argument("--peers", default="torch,tf", type=lambda s: _csv(s, ("torch", "tf"), "peers"),
+                   help="peers to look for (default: torch,tf); missing ones are reported and skipped")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"),
                    help="cpu; cuda (nbdw's CUDA backend against PyTorch CUDA); auto: cuda when available")
     p.add_argument("--max-busy", type=float, default=0.1, help="CPUs other processes may use while a case is "
