@@ -29,8 +29,8 @@ float64 reference in ``tests/naive.py`` (``check`` in the JSON; ``WRONG`` in the
 result is off by more than :data:`TOLERANCE`).
 
 With ``--device cuda`` (or ``auto`` on a machine with a GPU) nbdw's CUDA backend runs against
-PyTorch CUDA, timed with CUDA events on the default stream; torch tensors are handed to nbdw
-directly through ``__cuda_array_interface__``.
+PyTorch CUDA, timed with CUDA events on the default stream (which Numba's launches use too);
+nbdw gets Numba device arrays of the same operands.
 """
 
 from __future__ import annotations
@@ -97,13 +97,16 @@ class NbdwRunner:
         if self.device == "cpu":
             call = cases.nbdw_call(op, layer, geom, data, "cpu")
             return call, np.asarray
-        torch = self.torch
-        dev = {k: _to_torch(torch, v).cuda() for k, v in data.items()}
+        from numba import cuda
+
+        # Numba device arrays of the same values (PyTorch exports no __cuda_array_interface__
+        # for bfloat16, so its tensors cannot carry every dtype into nbdw).
+        dev = {k: cuda.to_device(v) for k, v in data.items()}
         call = cases.nbdw_call(op, layer, geom, dev, "cuda", synchronize=False)
 
-        def to_numpy(result):  # any __cuda_array_interface__ object the backend returns
-            from numba import cuda
-
+        def to_numpy(result):  # a Numba device array, or any __cuda_array_interface__ object
+            if hasattr(result, "copy_to_host"):
+                return result.copy_to_host()
             return cuda.as_cuda_array(result).copy_to_host()
 
         return call, to_numpy
