@@ -1,16 +1,38 @@
 """CPU backend: ``@njit(parallel=True)`` kernels for the three depthwise ops.
 
-Every kernel works natively in its layout (no transposed copies) with the
-unit-stride axis innermost: channels (times multiplier) in NHWC, width in NCHW.
-Tap ranges come from :func:`nbdw.spec.tap_range` / :func:`nbdw.spec.output_range`,
-so border handling is done by loop bounds and the hot loops carry no bounds
-checks. Work is split over batch x rows, so a batch of one still uses every
-thread; ``numba.set_num_threads`` is honoured.
+Every kernel works natively in its layout (no transposed copies of a tensor) and splits its work
+over batch x rows, so a batch of one still uses every thread; ``numba.set_num_threads`` is
+honoured.
 
-16-bit floats stay 16-bit in memory: kernels receive their bit patterns
-(:func:`nbdw.spec.storage_dtype`) and widen each element to float32 in
-registers (:func:`widen`), then narrow results on store (:func:`narrow`). Only
-the small filter is copied, into its accumulator dtype.
+How the kernels are fast (issue 7)
+----------------------------------
+Depthwise convolution does about two flops per byte it must move, so the kernels aim at the
+speed of memory. Each task works through its rows in three steps:
+
+1. **Stage.** The input rows a row of output needs are copied, widened to the accumulator dtype
+   (16-bit floats stay 16-bit in memory and are widened in registers on the way), into a small
+   per-task buffer that stays in cache. The copy carries the zero padding (so border pixels need
+   no bounds checks), splits columns by stride phase (so strided taps become unit-stride reads),
+   expands channels for a multiplier > 1, and lays channel blocks out contiguously. Rows are
+   kept in a ring and staged once per task, not once per tap.
+2. **Compute.** A tap table lists, for the row, each tap's offset in the stage and in the
+   filter. One register-blocked micro-kernel (:func:`_mac8`) then accumulates eight
+   64-byte vectors at once (eight output pixels along the row in NHWC, eight output rows in
+   NCHW), reading all of them from one base address with constant displacements: per tap one
+   weight load and eight fused multiply-adds with a memory operand. Because the tap loop is
+   a runtime loop over the table, one compiled kernel serves every filter size, stride,
+   dilation and multiplier; no per-size specialisation is compiled.
+3. **Store**, with the fused bias/clamp epilogue of the forward op and one rounding to the
+   output dtype.
+
+The vectors are explicit (:mod:`nbdw.simd`): 16 float32 or 8 float64 lanes, over channels in
+NHWC and over width in NCHW. Backprop filter keeps per-task partial sums (one per tap and
+channel) in cache, adds eight pixels per tap per load/store of the accumulator, and reduces
+the per-task partials once, in task order: bitwise repeatable for a given thread count.
+
+Zero padding is multiplied like data, as TensorFlow's and the reference's formula does. For
+backprop input, whose formula has no padding, those zeros add exact zeros as long as the filter
+is finite; a filter holding NaN or Inf takes an exact gather kernel that skips them.
 """
 
 from __future__ import annotations
@@ -22,9 +44,16 @@ from numba import njit, prange, types
 from numba.extending import intrinsic, overload
 
 from . import spec
+from .simd import vbroadcast, vclamp, vfma, vlanes, vload, vload_n, vsplat, vstore, vstore_n, vsum, vzero, vadd
 
 # Like fastmath=True but keeping NaN and Inf semantics (no nnan/ninf), so NaNs propagate.
 FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
+
+#: Bytes of staged input a task keeps per channel group (the stage should sit in L2).
+STAGE_BYTES = 192 * 1024
+
+#: Output pixels (NHWC) or rows (NCHW) computed together by the micro-kernel.
+BLOCK = 8
 
 
 def unavailable_reason():
@@ -88,6 +117,19 @@ def _f32_to_bf16_bits(typingctx, value):
     return types.int16(types.float32), codegen
 
 
+@intrinsic
+def _index(typingctx, i):
+    """A non-negative integer as an unsigned index: Numba then skips the negative-index
+    wraparound select, which otherwise stops LLVM from vectorising a loop that indexes with it."""
+    if not isinstance(i, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        return context.cast(builder, args[0], signature.args[0], types.intp)
+
+    return types.uintp(i), codegen
+
+
 def widen(value):
     """A stored element as its accumulator type (float32, or float64 for float64)."""
 
@@ -121,9 +163,178 @@ def _narrow_impl(value, array):
     return None
 
 
-tap_range = njit(cache=True)(spec.tap_range)
-output_range = njit(cache=True)(spec.output_range)
-epilogue = njit(cache=True, fastmath=FASTMATH)(spec.epilogue)
+# ---------------------------------------------------------------------------
+# Building blocks shared by the kernels
+# ---------------------------------------------------------------------------
+
+@njit(cache=True)
+def _aligned_zeros(size, like):
+    """A zeroed 1-D buffer of ``like``'s dtype whose data starts on a 64-byte boundary, so that
+    full-vector accesses at multiples of the lane count never straddle two cache lines."""
+    raw = np.zeros(size + 16, like.dtype)  # 16 elements of 4 or 8 bytes: room to align
+    skip = (64 - raw.ctypes.data % 64) % 64 // raw.itemsize
+    return raw[skip:skip + size]
+
+
+@njit(cache=True)
+def _split(task, tasks, units):
+    """The task's share ``[lo, hi)`` of ``units``: a balanced split, fixed for a given task count."""
+    return task * units // tasks, (task + 1) * units // tasks
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def _mac8(src, p0, bs, soff, wts, woff, wb, ntaps, bcast):
+    """Eight accumulators ``a_b = sum_t src[p0 + b * bs + soff[t]:][:L] * w_t`` for b = 0..7.
+
+    ``w_t`` is the vector ``wts[woff[t] + wb:][:L]`` or, with ``bcast``, the scalar
+    ``wts[woff[t] + wb]`` in every lane. One base address per tap, constant displacements
+    (``bs`` is a compile-time constant for NHWC), so the loop is eight FMAs with memory operands
+    and one weight load.
+    """
+    a0 = vzero(src)
+    a1 = a0
+    a2 = a0
+    a3 = a0
+    a4 = a0
+    a5 = a0
+    a6 = a0
+    a7 = a0
+    for t in range(ntaps):
+        p = p0 + soff[t]
+        wv = vbroadcast(wts, woff[t] + wb) if bcast else vload(wts, woff[t] + wb)
+        a0 = vfma(vload(src, p), wv, a0)
+        a1 = vfma(vload(src, p + bs), wv, a1)
+        a2 = vfma(vload(src, p + 2 * bs), wv, a2)
+        a3 = vfma(vload(src, p + 3 * bs), wv, a3)
+        a4 = vfma(vload(src, p + 4 * bs), wv, a4)
+        a5 = vfma(vload(src, p + 5 * bs), wv, a5)
+        a6 = vfma(vload(src, p + 6 * bs), wv, a6)
+        a7 = vfma(vload(src, p + 7 * bs), wv, a7)
+    return a0, a1, a2, a3, a4, a5, a6, a7
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def _mac4(src, p0, bs, soff, wts, woff, wb, ntaps, bcast):
+    """:func:`_mac8` for four accumulators (short rows)."""
+    a0 = vzero(src)
+    a1 = a0
+    a2 = a0
+    a3 = a0
+    for t in range(ntaps):
+        p = p0 + soff[t]
+        wv = vbroadcast(wts, woff[t] + wb) if bcast else vload(wts, woff[t] + wb)
+        a0 = vfma(vload(src, p), wv, a0)
+        a1 = vfma(vload(src, p + bs), wv, a1)
+        a2 = vfma(vload(src, p + 2 * bs), wv, a2)
+        a3 = vfma(vload(src, p + 3 * bs), wv, a3)
+    return a0, a1, a2, a3
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def _mac1(src, p0, soff, wts, woff, wb, ntaps, bcast):
+    """:func:`_mac8` for one accumulator."""
+    a0 = vzero(src)
+    for t in range(ntaps):
+        wv = vbroadcast(wts, woff[t] + wb) if bcast else vload(wts, woff[t] + wb)
+        a0 = vfma(vload(src, p0 + soff[t]), wv, a0)
+    return a0
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def _grad8(src, p0, bs, soff, ntaps, acc, a0, astride, d0, d1, d2, d3, d4, d5, d6, d7):
+    """Backprop filter: ``acc[a0 + t * astride:][:L] += sum_b src[p0 + b * bs + soff[t]:][:L] * d_b``.
+
+    The eight output-gradient vectors stay in registers across the taps; each tap's
+    accumulator is loaded and stored once per eight products.
+    """
+    for t in range(ntaps):
+        p = p0 + soff[t]
+        o = a0 + t * astride
+        a = vload(acc, o)
+        a = vfma(vload(src, p), d0, a)
+        a = vfma(vload(src, p + bs), d1, a)
+        a = vfma(vload(src, p + 2 * bs), d2, a)
+        a = vfma(vload(src, p + 3 * bs), d3, a)
+        a = vfma(vload(src, p + 4 * bs), d4, a)
+        a = vfma(vload(src, p + 5 * bs), d5, a)
+        a = vfma(vload(src, p + 6 * bs), d6, a)
+        a = vfma(vload(src, p + 7 * bs), d7, a)
+        vstore(acc, o, a)
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def _grad1(src, p0, soff, ntaps, acc, a0, astride, d, count):
+    """:func:`_grad8` for one vector; only the first ``count`` lanes of ``src`` are read
+    (the others count as zero), so data past a row's end cannot leak in as NaN."""
+    L = vlanes(acc)
+    for t in range(ntaps):
+        o = a0 + t * astride
+        x = vload(src, p0 + soff[t]) if count >= L else vload_n(src, p0 + soff[t], count)
+        vstore(acc, o, vfma(x, d, vload(acc, o)))
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def _put(dst, o, v, count):
+    """Store the first ``count`` lanes of ``v`` (narrowed to ``dst``'s storage) at ``o``."""
+    if count >= vlanes(dst):
+        vstore(dst, o, v)
+    else:
+        vstore_n(dst, o, v, count)
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def _finish(v, bv, has_bias, lov, hiv):
+    """The forward epilogue on a vector: bias add (only when there is a bias, so that -0.0
+    stays -0.0) and the activation clamp (comparisons, so NaN lanes stay NaN)."""
+    if has_bias:
+        v = vadd(v, bv)
+    return vclamp(v, lov, hiv)
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def _stage_row_nhwc(stage, x, n, ih, m_, g0, g1, dst0, cbstride, sw, wq, pl):
+    """Copy row ``(n, ih)`` of NHWC ``x`` into the stage, channel blocks ``g0..g1`` (of the
+    output channels ``j = c * m_ + q``, which read input channel ``c``).
+
+    Stage layout per channel block: ``[phase][column][lane]`` starting at
+    ``dst0 + (cb - g0) * cbstride``; padded column ``pc`` lives in phase ``pc % sw`` at column
+    ``pc // sw``. Only columns holding data are written: padding stays zero.
+    """
+    h_, w_, c_ = x.shape[1], x.shape[2], x.shape[3]
+    L = vlanes(stage)
+    cm = c_ * m_
+    row = (n * h_ + ih) * w_
+    for ph in range(sw):
+        # padded columns pc = col * sw + ph with pl <= pc < pl + w_, and col < wq
+        lo = (pl - ph + sw - 1) // sw
+        if lo < 0:
+            lo = 0
+        hi = (pl + w_ - ph + sw - 1) // sw
+        if hi > wq:
+            hi = wq
+        if hi <= lo:
+            continue
+        first = lo * sw + ph - pl  # input column of stage column lo
+        for cb in range(g0, g1):
+            dst = dst0 + (cb - g0) * cbstride + (ph * wq + lo) * L
+            if m_ == 1:
+                src = (row + first) * c_ + cb * L
+                left = c_ - cb * L
+                if left >= L:
+                    for col in range(hi - lo):
+                        vstore(stage, dst + col * L, vload(x, src + col * sw * c_))
+                else:
+                    for col in range(hi - lo):
+                        vstore(stage, dst + col * L, vload_n(x, src + col * sw * c_, left))
+            else:
+                flat = x.reshape(-1)
+                j0 = cb * L
+                j1 = min(j0 + L, cm)
+                for col in range(hi - lo):
+                    src = (row + first + col * sw) * c_
+                    d = dst + col * L - j0
+                    for j in range(j0, j1):
+                        stage[_index(d + j)] = widen(flat[_index(src + j // m_)])
 
 
 # ---------------------------------------------------------------------------
@@ -131,61 +342,179 @@ epilogue = njit(cache=True, fastmath=FASTMATH)(spec.epilogue)
 # ---------------------------------------------------------------------------
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
-def _forward_nhwc(x, w, bias, act_lo, act_hi, out, sh, sw, dh, dw, pt, pl):
-    """x (N, H, W, C), w (KH, KW, C*M) widened, bias (C*M,) or empty, clamp [act_lo, act_hi], out (N, OH, OW, C*M)."""
-    n_, h_, w_, c_ = x.shape
-    kh_, kw_, cm = w.shape
-    m_ = cm // c_
-    oh_, ow_ = out.shape[1], out.shape[2]
-    for row in prange(n_ * oh_):
-        n = row // oh_
-        oh = row - n * oh_
-        acc = np.empty(cm, w.dtype)
-        kh_lo, kh_hi = tap_range(oh, sh, pt, dh, kh_, h_)
-        for ow in range(ow_):
-            kw_lo, kw_hi = tap_range(ow, sw, pl, dw, kw_, w_)
-            acc[:] = 0
-            for kh in range(kh_lo, kh_hi):
-                ih = oh * sh - pt + kh * dh
-                for kw in range(kw_lo, kw_hi):
-                    iw = ow * sw - pl + kw * dw
-                    if m_ == 1:
-                        for c in range(c_):
-                            acc[c] += widen(x[n, ih, iw, c]) * w[kh, kw, c]
-                    else:
-                        for c in range(c_):
-                            xv = widen(x[n, ih, iw, c])
-                            for q in range(m_):
-                                acc[c * m_ + q] += xv * w[kh, kw, c * m_ + q]
-            for j in range(cm):
-                out[n, oh, ow, j] = narrow(epilogue(acc[j], bias, j, act_lo, act_hi), out)
+def _forward_nhwc(x, wts, bias, has_bias, lo, hi, out, kh_, kw_, sh, sw, dh, dw, pt, pl, tasks, group):
+    """x (N, H, W, C); wts (KH*KW*CP,) widened filter, tap-major, channels padded to CP lanes;
+    bias (CP,); clamp [lo, hi]; out (N, OH, OW, C*M). Storage dtypes (16-bit as bit patterns)."""
+    n_, h_ = x.shape[0], x.shape[1]
+    oh_, ow_, cm = out.shape[1], out.shape[2], out.shape[3]
+    cp = bias.shape[0]
+    L = vlanes(wts)
+    blocks = cp // L
+    eff_h = (kh_ - 1) * dh + 1
+    wq = ((ow_ - 1) * sw + (kw_ - 1) * dw + 1 + sw - 1) // sw  # stage columns per phase
+    slotlen = sw * wq * L
+    cbstride = (eff_h + 1) * slotlen + L  # ring of eff_h rows + a zero row; +L breaks 4K aliasing
+    zero_slot = eff_h
+    rows = n_ * oh_
+    for task in prange(tasks):
+        r0, r1 = _split(task, tasks, rows)
+        stage = _aligned_zeros(group * cbstride, wts)
+        held = np.empty(eff_h, np.int64)  # which input row each ring slot holds
+        soff = np.empty(kh_ * kw_, np.int64)
+        woff = np.empty(kh_ * kw_, np.int64)
+        lov = vsplat(wts, lo)
+        hiv = vsplat(wts, hi)
+        for g0 in range(0, blocks, group):
+            g1 = min(g0 + group, blocks)
+            held[:] = -1
+            for row in range(r0, r1):
+                n = row // oh_
+                oh = row - n * oh_
+                t = 0
+                for kh in range(kh_):
+                    ih = oh * sh - pt + kh * dh
+                    slot = zero_slot
+                    if 0 <= ih < h_:
+                        slot = ih % eff_h
+                        if held[slot] != n * h_ + ih:
+                            held[slot] = n * h_ + ih
+                            _stage_row_nhwc(stage, x, n, ih, cm // x.shape[3], g0, g1, slot * slotlen,
+                                            cbstride, sw, wq, pl)
+                    for kw in range(kw_):
+                        off = kw * dw
+                        soff[t] = slot * slotlen + ((off % sw) * wq + off // sw) * L
+                        woff[t] = (kh * kw_ + kw) * cp
+                        t += 1
+                orow = (n * oh_ + oh) * ow_
+                for cb in range(g0, g1):
+                    sb = (cb - g0) * cbstride
+                    wb = cb * L
+                    count = cm - wb
+                    bv = vload(bias, wb)
+                    ow = 0
+                    while ow < ow_:
+                        if ow_ >= BLOCK:
+                            if ow + BLOCK > ow_:
+                                ow = ow_ - BLOCK  # last block overlaps the previous one
+                            r = _mac8(stage, sb + ow * L, L, soff, wts, woff, wb, t, False)
+                            o = (orow + ow) * cm + wb
+                            for b in range(BLOCK):
+                                _put(out, o + b * cm, _finish(r[b], bv, has_bias, lov, hiv), count)
+                            ow += BLOCK
+                        elif ow_ >= 4:
+                            if ow + 4 > ow_:
+                                ow = ow_ - 4
+                            r4 = _mac4(stage, sb + ow * L, L, soff, wts, woff, wb, t, False)
+                            o = (orow + ow) * cm + wb
+                            for b in range(4):
+                                _put(out, o + b * cm, _finish(r4[b], bv, has_bias, lov, hiv), count)
+                            ow += 4
+                        else:
+                            a = _mac1(stage, sb + ow * L, soff, wts, woff, wb, t, False)
+                            _put(out, (orow + ow) * cm + wb, _finish(a, bv, has_bias, lov, hiv), count)
+                            ow += 1
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def _stage_rows_nchw(stage, plane, ih0, nrows, rowlen, sw, wq, pl):
+    """Rows ``ih0 .. ih0 + nrows`` of one NCHW plane (``plane``: (H, W) storage) into the stage:
+    row ``r`` at ``r * rowlen``, phase ``ph`` at ``ph * (wq + L)``; rows outside the plane and the
+    padding are zero."""
+    h_, w_ = plane.shape
+    L = vlanes(stage)
+    flat = plane.reshape(-1)
+    for r in range(nrows):
+        ih = ih0 + r
+        dst = r * rowlen
+        if ih < 0 or ih >= h_:
+            for i in range(0, sw * (wq + L), L):
+                vstore(stage, dst + i, vzero(stage))
+            continue
+        for ph in range(sw):
+            lo = (pl - ph + sw - 1) // sw
+            if lo < 0:
+                lo = 0
+            hi = (pl + w_ - ph + sw - 1) // sw
+            if hi > wq:
+                hi = wq
+            d = dst + ph * (wq + L)
+            src = ih * w_ + lo * sw + ph - pl
+            if sw == 1:
+                col = lo
+                while col + L <= hi:
+                    vstore(stage, d + col, vload(flat, src + col - lo))
+                    col += L
+                if col < hi:
+                    vstore_n(stage, d + col, vload_n(flat, src + col - lo, hi - col), hi - col)
+            else:
+                for col in range(lo, hi):
+                    stage[_index(d + col)] = widen(flat[_index(src + (col - lo) * sw)])
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
-def _forward_nchw(x, w, bias, act_lo, act_hi, out, sh, sw, dh, dw, pt, pl):
-    """x (N, C, H, W), w (KH, KW, C*M) widened, bias (C*M,) or empty, clamp [act_lo, act_hi], out (N, C*M, OH, OW)."""
-    n_, c_, h_, w_ = x.shape
-    kh_, kw_, cm = w.shape
+def _forward_nchw(x, wts, bias, has_bias, lo, hi, out, kh_, kw_, sh, sw, dh, dw, pt, pl, tasks):
+    """x (N, C, H, W); wts (C*M*KH*KW,) widened, plane-major; bias (C*M,); out (N, C*M, OH, OW).
+
+    Vectors run along the width; the micro-kernel blocks eight output rows at the same columns.
+    """
+    n_, c_ = x.shape[0], x.shape[1]
+    cm, oh_, ow_ = out.shape[1], out.shape[2], out.shape[3]
     m_ = cm // c_
-    oh_, ow_ = out.shape[2], out.shape[3]
-    for row in prange(n_ * oh_):
-        n = row // oh_
-        oh = row - n * oh_
-        acc = np.empty(ow_, w.dtype)
-        kh_lo, kh_hi = tap_range(oh, sh, pt, dh, kh_, h_)
-        for j in range(cm):
-            c = j // m_
-            acc[:] = 0
-            for kh in range(kh_lo, kh_hi):
-                ih = oh * sh - pt + kh * dh
-                for kw in range(kw_):
-                    lo, hi = output_range(kw, sw, pl, dw, ow_, w_)
-                    wv = w[kh, kw, j]
-                    base = kw * dw - pl
-                    for ow in range(lo, hi):
-                        acc[ow] += widen(x[n, c, ih, ow * sw + base]) * wv
-            for ow in range(ow_):
-                out[n, j, oh, ow] = narrow(epilogue(acc[ow], bias, j, act_lo, act_hi), out)
+    taps = kh_ * kw_
+    L = vlanes(wts)
+    rb = BLOCK if oh_ >= BLOCK else (4 if oh_ >= 4 else 1)  # rows per block
+    groups = (oh_ + rb - 1) // rb
+    eff_h = (kh_ - 1) * dh + 1
+    wq = ((ow_ - 1) * sw + (kw_ - 1) * dw + 1 + sw - 1) // sw
+    rowlen = sw * (wq + L)  # +L: a vector may read past the last column (lanes that are dropped)
+    nrows = (rb - 1) * sh + eff_h
+    units = n_ * c_ * groups
+    flat_out = out.reshape(-1)
+    for task in prange(tasks):
+        u0, u1 = _split(task, tasks, units)
+        stage = _aligned_zeros(nrows * rowlen + L, wts)
+        soff = np.empty(taps, np.int64)
+        woff = np.empty(taps, np.int64)
+        for kh in range(kh_):
+            for kw in range(kw_):
+                off = kw * dw
+                soff[kh * kw_ + kw] = kh * dh * rowlen + (off % sw) * (wq + L) + off // sw
+                woff[kh * kw_ + kw] = kh * kw_ + kw
+        lov = vsplat(wts, lo)
+        hiv = vsplat(wts, hi)
+        for unit in range(u0, u1):
+            plane = unit // groups
+            g = unit - plane * groups
+            n = plane // c_
+            c = plane - n * c_
+            oh0 = g * rb
+            if oh0 + rb > oh_:
+                oh0 = oh_ - rb  # last group overlaps the previous one
+            _stage_rows_nchw(stage, x[n, c], oh0 * sh - pt, nrows, rowlen, sw, wq, pl)
+            for q in range(m_):
+                j = c * m_ + q
+                wb = j * taps
+                bv = vsplat(wts, bias[j])
+                obase = ((n * cm + j) * oh_ + oh0) * ow_
+                ow = 0
+                while ow < ow_:
+                    count = ow_ - ow
+                    if count < L and ow_ >= L:
+                        ow = ow_ - L  # last vector overlaps the previous one
+                        count = L
+                    o = obase + ow
+                    if rb == BLOCK:
+                        r = _mac8(stage, ow, sh * rowlen, soff, wts, woff, wb, taps, True)
+                        for b in range(BLOCK):
+                            _put(flat_out, o + b * ow_, _finish(r[b], bv, has_bias, lov, hiv), count)
+                    elif rb == 4:
+                        r4 = _mac4(stage, ow, sh * rowlen, soff, wts, woff, wb, taps, True)
+                        for b in range(4):
+                            _put(flat_out, o + b * ow_, _finish(r4[b], bv, has_bias, lov, hiv), count)
+                    else:
+                        a = _mac1(stage, ow, soff, wts, woff, wb, taps, True)
+                        _put(flat_out, o, _finish(a, bv, has_bias, lov, hiv), count)
+                    ow += L
 
 
 # ---------------------------------------------------------------------------
@@ -193,8 +522,270 @@ def _forward_nchw(x, w, bias, act_lo, act_hi, out, sh, sw, dh, dw, pt, pl):
 # ---------------------------------------------------------------------------
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
-def _backprop_input_nhwc(dy, w, dx, sh, sw, dh, dw, pt, pl):
-    """dy (N, OH, OW, C*M), w (KH, KW, C*M) widened, dx (N, H, W, C)."""
+def _backprop_input_nhwc(dy, wts, dx, kh_, kw_, sh, sw, dh, dw, pt, pl, tasks, group):
+    """dy (N, OH, OW, C*M); wts (KH*KW*M*CP,) widened, [tap][q][channel padded to CP]; dx (N, H, W, C).
+
+    Input columns are handled by stride phase (iw = r + sw * i): within a phase, consecutive
+    i read consecutive output columns, so the micro-kernel runs unchanged. The staged rows of
+    ``dy`` carry zero columns on both sides, which add exact zeros for a finite filter.
+    """
+    n_, oh_, ow_, cm = dy.shape[0], dy.shape[1], dy.shape[2], dy.shape[3]
+    h_, w_, c_ = dx.shape[1], dx.shape[2], dx.shape[3]
+    m_ = cm // c_
+    L = vlanes(wts)
+    cp = wts.shape[0] // (kh_ * kw_ * m_)
+    blocks = cp // L
+    # output columns read by phase r, tap kw: e(r, kw) + i for i < ceil((w_ - r) / sw)
+    padl = 0
+    padr = 0
+    for r in range(min(sw, w_)):
+        ni = (w_ - r + sw - 1) // sw
+        for kw in range(kw_):
+            u = r + pl - kw * dw
+            if u % sw == 0:
+                e = u // sw
+                padl = max(padl, -e)
+                padr = max(padr, e + ni - ow_)
+    owp = padl + ow_ + padr
+    slots = ((kh_ - 1) * dh) // sh + 1  # output rows one input row can need
+    slotlen = m_ * owp * L
+    cbstride = slots * slotlen + L
+    rows = n_ * h_
+    for task in prange(tasks):
+        r0, r1 = _split(task, tasks, rows)
+        stage = _aligned_zeros(group * cbstride, wts)
+        held = np.empty(slots, np.int64)
+        ntab = kh_ * kw_ * m_
+        soff = np.empty(ntab, np.int64)
+        woff = np.empty(ntab, np.int64)
+        kslot = np.empty(kh_, np.int64)
+        zero = vzero(wts)
+        for g0 in range(0, blocks, group):
+            g1 = min(g0 + group, blocks)
+            held[:] = -1
+            for row in range(r0, r1):
+                n = row // h_
+                ih = row - n * h_
+                for kh in range(kh_):
+                    kslot[kh] = -1
+                    u = ih + pt - kh * dh
+                    if u < 0 or u % sh != 0 or u // sh >= oh_:
+                        continue
+                    oh = u // sh
+                    slot = oh % slots
+                    kslot[kh] = slot
+                    if held[slot] != n * oh_ + oh:
+                        held[slot] = n * oh_ + oh
+                        _stage_dy_row_nhwc(stage, dy, n, oh, c_, m_, g0, g1, slot * slotlen, cbstride, owp, padl)
+                xrow = (n * h_ + ih) * w_
+                for r in range(min(sw, w_)):
+                    t = 0
+                    for kh in range(kh_):
+                        if kslot[kh] < 0:
+                            continue
+                        for kw in range(kw_):
+                            u = r + pl - kw * dw
+                            if u % sw != 0:
+                                continue
+                            col = u // sw + padl
+                            for q in range(m_):
+                                soff[t] = kslot[kh] * slotlen + (q * owp + col) * L
+                                woff[t] = ((kh * kw_ + kw) * m_ + q) * cp
+                                t += 1
+                    ni = (w_ - r + sw - 1) // sw
+                    for cb in range(g0, g1):
+                        sb = (cb - g0) * cbstride
+                        wb = cb * L
+                        count = c_ - wb
+                        step = sw * c_
+                        i = 0
+                        while i < ni:
+                            if ni >= BLOCK:
+                                if i + BLOCK > ni:
+                                    i = ni - BLOCK
+                                o = (xrow + r + i * sw) * c_ + wb
+                                if t == 0:
+                                    for b in range(BLOCK):
+                                        _put(dx, o + b * step, zero, count)
+                                else:
+                                    res = _mac8(stage, sb + i * L, L, soff, wts, woff, wb, t, False)
+                                    for b in range(BLOCK):
+                                        _put(dx, o + b * step, res[b], count)
+                                i += BLOCK
+                            else:
+                                a = _mac1(stage, sb + i * L, soff, wts, woff, wb, t, False)
+                                _put(dx, (xrow + r + i * sw) * c_ + wb, a, count)
+                                i += 1
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def _stage_dy_row_nhwc(stage, dy, n, oh, c_, m_, g0, g1, dst0, cbstride, owp, padl):
+    """Row ``(n, oh)`` of NHWC ``dy`` into the stage, laid out per input-channel block as
+    ``[q][column + padl][lane = c]`` (channel ``j = c * m_ + q`` of ``dy``)."""
+    ow_, cm = dy.shape[2], dy.shape[3]
+    L = vlanes(stage)
+    row = (n * dy.shape[1] + oh) * ow_
+    for cb in range(g0, g1):
+        dst = dst0 + (cb - g0) * cbstride + padl * L
+        if m_ == 1:
+            left = c_ - cb * L
+            src = row * cm + cb * L
+            if left >= L:
+                for ow in range(ow_):
+                    vstore(stage, dst + ow * L, vload(dy, src + ow * cm))
+            else:
+                for ow in range(ow_):
+                    vstore(stage, dst + ow * L, vload_n(dy, src + ow * cm, left))
+        else:
+            flat = dy.reshape(-1)
+            c0 = cb * L
+            c1 = min(c0 + L, c_)
+            for q in range(m_):
+                for ow in range(ow_):
+                    src = (row + ow) * cm + q
+                    base = dst + (q * owp + ow) * L - c0
+                    for c in range(c0, c1):
+                        stage[_index(base + c)] = widen(flat[_index(src + c * m_)])
+
+
+@njit(cache=True)
+def _rows_per_block(rows):
+    """Rows the NCHW micro-kernel blocks together for a run of ``rows`` rows."""
+    return BLOCK if rows >= BLOCK else (4 if rows >= 4 else 1)
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def _stage_dy_rows_nchw(stage, plane, oh0, nrows, dst0, rowlen, sw, padu):
+    """Rows ``oh0 .. oh0 + nrows`` of one NCHW ``dy`` plane (OH, OW) into the stage, upsampled by
+    the column stride: output column ``ow`` lands at ``ow * sw + padu``, every other position is
+    zero. Rows outside the plane are zero."""
+    oh_, ow_ = plane.shape
+    L = vlanes(stage)
+    flat = plane.reshape(-1)
+    used = min(ow_, (rowlen - padu + sw - 1) // sw)  # columns past the stage feed no input column
+    for k in range(nrows):
+        oh = oh0 + k
+        d = dst0 + k * rowlen
+        if oh < 0 or oh >= oh_:
+            for i in range(0, rowlen, L):
+                _put(stage, d + i, vzero(stage), rowlen - i)
+            continue
+        src = oh * ow_
+        if sw == 1:
+            col = 0
+            while col + L <= used:
+                vstore(stage, d + padu + col, vload(flat, src + col))
+                col += L
+            if col < used:
+                vstore_n(stage, d + padu + col, vload_n(flat, src + col, used - col), used - col)
+        else:
+            for ow in range(used):
+                stage[_index(d + padu + ow * sw)] = widen(flat[_index(src + ow)])
+
+
+@njit(parallel=True, cache=True, fastmath=FASTMATH)
+def _backprop_input_nchw(dy, wts, dx, kh_, kw_, sh, sw, dh, dw, pt, pl, tasks):
+    """dy (N, C*M, OH, OW); wts (C*M*KH*KW,) widened, plane-major; dx (N, C, H, W).
+
+    Vectors run along the input width over ``dy`` rows upsampled by the column stride (zeros
+    between columns, exact for a finite filter); input rows are taken by stride phase
+    (ih = r + sh * i), so that eight consecutive i of one phase share one tap table.
+    """
+    n_, cm, oh_, ow_ = dy.shape[0], dy.shape[1], dy.shape[2], dy.shape[3]
+    c_, h_, w_ = dx.shape[1], dx.shape[2], dx.shape[3]
+    m_ = cm // c_
+    taps = kh_ * kw_
+    L = vlanes(wts)
+    padu = max(0, (kw_ - 1) * dw - pl)
+    rowlen = max(w_, L) + pl + padu + L
+    phases = min(sh, h_)
+    per_plane = 0
+    for r in range(phases):
+        ni = (h_ - r + sh - 1) // sh
+        per_plane += (ni + _rows_per_block(ni) - 1) // _rows_per_block(ni)
+    span = ((kh_ - 1) * dh) // sh + 1  # dy rows one input row can read
+    maxrows = BLOCK + span
+    units = n_ * c_ * per_plane
+    flat_dx = dx.reshape(-1)
+    for task in prange(tasks):
+        u0, u1 = _split(task, tasks, units)
+        stage = _aligned_zeros(m_ * maxrows * rowlen + L, wts)
+        soff = np.empty(taps * m_, np.int64)
+        woff = np.empty(taps * m_, np.int64)
+        zero = vzero(wts)
+        for unit in range(u0, u1):
+            plane = unit // per_plane
+            k = unit - plane * per_plane
+            n = plane // c_
+            c = plane - n * c_
+            r = 0
+            ni = (h_ + sh - 1) // sh
+            rb = _rows_per_block(ni)
+            while k >= (ni + rb - 1) // rb:
+                k -= (ni + rb - 1) // rb
+                r += 1
+                ni = (h_ - r + sh - 1) // sh
+                rb = _rows_per_block(ni)
+            i0 = k * rb
+            if i0 + rb > ni:
+                i0 = ni - rb  # last group overlaps the previous one
+            # taps of this row phase: input row r + sh * i reads dy row a_kh + i
+            amin = oh_ + h_
+            amax = -amin
+            for kh in range(kh_):
+                u = r + pt - kh * dh
+                if u % sh == 0:
+                    amin = min(amin, u // sh)
+                    amax = max(amax, u // sh)
+            obase = ((n * c_ + c) * h_ + r + sh * i0) * w_
+            ostep = sh * w_
+            if amax < amin:  # no tap reaches these rows
+                for b in range(rb):
+                    for iw in range(0, w_, L):
+                        _put(flat_dx, obase + b * ostep + iw, zero, w_ - iw)
+                continue
+            nrows = rb + amax - amin
+            for q in range(m_):
+                _stage_dy_rows_nchw(stage, dy[n, c * m_ + q], i0 + amin, nrows, q * nrows * rowlen, rowlen, sw, padu)
+            t = 0
+            for kh in range(kh_):
+                u = r + pt - kh * dh
+                if u % sh != 0:
+                    continue
+                for kw in range(kw_):
+                    for q in range(m_):
+                        soff[t] = (q * nrows + u // sh - amin) * rowlen + pl - kw * dw + padu
+                        woff[t] = q * taps + kh * kw_ + kw
+                        t += 1
+            wb = c * m_ * taps
+            iw = 0
+            while iw < w_:
+                count = w_ - iw
+                if count < L and w_ >= L:
+                    iw = w_ - L
+                    count = L
+                o = obase + iw
+                if rb == BLOCK:
+                    res = _mac8(stage, iw, rowlen, soff, wts, woff, wb, t, True)
+                    for b in range(BLOCK):
+                        _put(flat_dx, o + b * ostep, res[b], count)
+                elif rb == 4:
+                    r4 = _mac4(stage, iw, rowlen, soff, wts, woff, wb, t, True)
+                    for b in range(4):
+                        _put(flat_dx, o + b * ostep, r4[b], count)
+                else:
+                    _put(flat_dx, o, _mac1(stage, iw, soff, wts, woff, wb, t, True), count)
+                iw += L
+
+
+tap_range = njit(cache=True)(spec.tap_range)
+output_range = njit(cache=True)(spec.output_range)
+
+
+@njit(parallel=True, cache=True, fastmath=FASTMATH)
+def _backprop_input_exact_nhwc(dy, w, dx, sh, sw, dh, dw, pt, pl):
+    """Gather without padding zeros, for filters holding NaN or Inf.
+    dy (N, OH, OW, C*M), w (KH, KW, C*M) widened, dx (N, H, W, C)."""
     n_, h_, w_, c_ = dx.shape
     kh_, kw_, cm = w.shape
     m_ = cm // c_
@@ -219,22 +810,18 @@ def _backprop_input_nhwc(dy, w, dx, sh, sw, dh, dw, pt, pl):
                     ow = u // sw
                     if ow * sw != u or ow >= ow_:
                         continue
-                    if m_ == 1:
-                        for c in range(c_):
-                            acc[c] += widen(dy[n, oh, ow, c]) * w[kh, kw, c]
-                    else:
-                        for c in range(c_):
-                            s = acc[c]
-                            for q in range(m_):
-                                s += widen(dy[n, oh, ow, c * m_ + q]) * w[kh, kw, c * m_ + q]
-                            acc[c] = s
+                    for c in range(c_):
+                        s = acc[c]
+                        for q in range(m_):
+                            s += widen(dy[n, oh, ow, c * m_ + q]) * w[kh, kw, c * m_ + q]
+                        acc[c] = s
             for c in range(c_):
                 dx[n, ih, iw, c] = narrow(acc[c], dx)
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
-def _backprop_input_nchw(dy, w, dx, sh, sw, dh, dw, pt, pl):
-    """dy (N, C*M, OH, OW), w (KH, KW, C*M) widened, dx (N, C, H, W)."""
+def _backprop_input_exact_nchw(dy, w, dx, sh, sw, dh, dw, pt, pl):
+    """:func:`_backprop_input_exact_nhwc` for dy (N, C*M, OH, OW), dx (N, C, H, W)."""
     n_, c_, h_, w_ = dx.shape
     kh_, kw_, cm = w.shape
     m_ = cm // c_
@@ -242,7 +829,7 @@ def _backprop_input_nchw(dy, w, dx, sh, sw, dh, dw, pt, pl):
     for row in prange(n_ * h_):
         n = row // h_
         ih = row - n * h_
-        acc = np.empty(w_, w.dtype)  # one input row, private to this iteration
+        acc = np.empty(w_, w.dtype)
         for c in range(c_):
             acc[:] = 0
             for kh in range(kh_):
@@ -269,61 +856,127 @@ def _backprop_input_nchw(dy, w, dx, sh, sw, dh, dw, pt, pl):
 # ---------------------------------------------------------------------------
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
-def _backprop_filter_nhwc(x, dy, partial, sh, sw, dh, dw, pt, pl):
-    """x (N, H, W, C), dy (N, OH, OW, C*M), partial (T, KH, KW, C*M) zeroed."""
-    n_, h_, w_, c_ = x.shape
-    tasks, kh_, kw_, cm = partial.shape
-    m_ = cm // c_
-    oh_, ow_ = dy.shape[1], dy.shape[2]
+def _backprop_filter_nhwc(x, dy, partial, kh_, kw_, sh, sw, dh, dw, pt, pl, budget):
+    """x (N, H, W, C); dy (N, OH, OW, C*M); partial (T, KH*KW*CP) zeroed, accumulator dtype:
+    task t adds its rows' products into partial[t], tap-major, channels padded to CP lanes."""
+    tasks = partial.shape[0]
+    taps = kh_ * kw_
+    cp = partial.shape[1] // taps
+    n_, h_ = x.shape[0], x.shape[1]
+    oh_, ow_, cm = dy.shape[1], dy.shape[2], dy.shape[3]
+    L = vlanes(partial)
+    blocks = cp // L
+    eff_h = (kh_ - 1) * dh + 1
+    wq = ((ow_ - 1) * sw + (kw_ - 1) * dw + 1 + sw - 1) // sw
+    slotlen = sw * wq * L
+    cbstride = (eff_h + 1) * slotlen + L
+    group = max(1, min(blocks, budget // cbstride))
+    zero_slot = eff_h
     rows = n_ * oh_
-    for t in prange(tasks):
-        acc = partial[t]
-        for row in range(t * rows // tasks, (t + 1) * rows // tasks):
-            n = row // oh_
-            oh = row - n * oh_
-            kh_lo, kh_hi = tap_range(oh, sh, pt, dh, kh_, h_)
-            for ow in range(ow_):
-                kw_lo, kw_hi = tap_range(ow, sw, pl, dw, kw_, w_)
-                for kh in range(kh_lo, kh_hi):
+    for task in prange(tasks):
+        r0, r1 = _split(task, tasks, rows)
+        acc = partial[task]
+        stage = _aligned_zeros(group * cbstride, partial)
+        held = np.empty(eff_h, np.int64)
+        soff = np.empty(taps, np.int64)
+        for g0 in range(0, blocks, group):
+            g1 = min(g0 + group, blocks)
+            held[:] = -1
+            for row in range(r0, r1):
+                n = row // oh_
+                oh = row - n * oh_
+                for kh in range(kh_):
                     ih = oh * sh - pt + kh * dh
-                    for kw in range(kw_lo, kw_hi):
-                        iw = ow * sw - pl + kw * dw
-                        if m_ == 1:
-                            for c in range(c_):
-                                acc[kh, kw, c] += widen(x[n, ih, iw, c]) * widen(dy[n, oh, ow, c])
+                    slot = zero_slot
+                    if 0 <= ih < h_:
+                        slot = ih % eff_h
+                        if held[slot] != n * h_ + ih:
+                            held[slot] = n * h_ + ih
+                            _stage_row_nhwc(stage, x, n, ih, cm // x.shape[3], g0, g1, slot * slotlen,
+                                            cbstride, sw, wq, pl)
+                    for kw in range(kw_):
+                        off = kw * dw
+                        soff[kh * kw_ + kw] = slot * slotlen + ((off % sw) * wq + off // sw) * L
+                drow = (n * oh_ + oh) * ow_
+                for cb in range(g0, g1):
+                    sb = (cb - g0) * cbstride
+                    wb = cb * L
+                    count = cm - wb
+                    ow = 0
+                    while ow + BLOCK <= ow_:
+                        d = (drow + ow) * cm + wb
+                        if count >= L:
+                            _grad8(stage, sb + ow * L, L, soff, taps, acc, wb, cp,
+                                   vload(dy, d), vload(dy, d + cm), vload(dy, d + 2 * cm), vload(dy, d + 3 * cm),
+                                   vload(dy, d + 4 * cm), vload(dy, d + 5 * cm), vload(dy, d + 6 * cm),
+                                   vload(dy, d + 7 * cm))
                         else:
-                            for c in range(c_):
-                                xv = widen(x[n, ih, iw, c])
-                                for q in range(m_):
-                                    j = c * m_ + q
-                                    acc[kh, kw, j] += xv * widen(dy[n, oh, ow, j])
+                            _grad8(stage, sb + ow * L, L, soff, taps, acc, wb, cp,
+                                   vload_n(dy, d, count), vload_n(dy, d + cm, count),
+                                   vload_n(dy, d + 2 * cm, count), vload_n(dy, d + 3 * cm, count),
+                                   vload_n(dy, d + 4 * cm, count), vload_n(dy, d + 5 * cm, count),
+                                   vload_n(dy, d + 6 * cm, count), vload_n(dy, d + 7 * cm, count))
+                        ow += BLOCK
+                    while ow < ow_:
+                        d = (drow + ow) * cm + wb
+                        dv = vload(dy, d) if count >= L else vload_n(dy, d, count)
+                        _grad1(stage, sb + ow * L, soff, taps, acc, wb, cp, dv, L)
+                        ow += 1
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
-def _backprop_filter_nchw(x, dy, partial, sh, sw, dh, dw, pt, pl):
-    """x (N, C, H, W), dy (N, C*M, OH, OW), partial (T, KH, KW, C*M) zeroed."""
-    n_, c_, h_, w_ = x.shape
-    tasks, kh_, kw_, cm = partial.shape
+def _backprop_filter_nchw(x, dy, partial, kh_, kw_, sh, sw, dh, dw, pt, pl):
+    """x (N, C, H, W); dy (N, C*M, OH, OW); partial (T, KH*KW*C*M) zeroed, accumulator dtype,
+    [tap][output channel]. Vectors run along the width; eight rows of dy share each tap's
+    accumulator load/store; lanes are summed when a task leaves a plane."""
+    tasks = partial.shape[0]
+    taps = kh_ * kw_
+    n_, c_ = x.shape[0], x.shape[1]
+    cm, oh_, ow_ = dy.shape[1], dy.shape[2], dy.shape[3]
     m_ = cm // c_
-    oh_, ow_ = dy.shape[2], dy.shape[3]
-    rows = n_ * oh_
-    for t in prange(tasks):
-        acc = partial[t]
-        for row in range(t * rows // tasks, (t + 1) * rows // tasks):
-            n = row // oh_
-            oh = row - n * oh_
-            kh_lo, kh_hi = tap_range(oh, sh, pt, dh, kh_, h_)
-            for j in range(cm):
-                c = j // m_
-                for kh in range(kh_lo, kh_hi):
-                    ih = oh * sh - pt + kh * dh
-                    for kw in range(kw_):
-                        lo, hi = output_range(kw, sw, pl, dw, ow_, w_)
-                        base = kw * dw - pl
-                        s = acc[kh, kw, j]
-                        for ow in range(lo, hi):
-                            s += widen(x[n, c, ih, ow * sw + base]) * widen(dy[n, j, oh, ow])
-                        acc[kh, kw, j] = s
+    L = vlanes(partial)
+    groups = (oh_ + BLOCK - 1) // BLOCK
+    eff_h = (kh_ - 1) * dh + 1
+    wq = ((ow_ - 1) * sw + (kw_ - 1) * dw + 1 + sw - 1) // sw
+    rowlen = sw * (wq + L)
+    nrows = (BLOCK - 1) * sh + eff_h
+    units = n_ * c_ * groups
+    flat_dy = dy.reshape(-1)
+    for task in prange(tasks):
+        u0, u1 = _split(task, tasks, units)
+        stage = _aligned_zeros(nrows * rowlen + L, partial)
+        accv = _aligned_zeros(taps * L, partial)
+        soff = np.empty(taps, np.int64)
+        for kh in range(kh_):
+            for kw in range(kw_):
+                off = kw * dw
+                soff[kh * kw_ + kw] = kh * dh * rowlen + (off % sw) * (wq + L) + off // sw
+        for unit in range(u0, u1):
+            plane = unit // groups
+            g = unit - plane * groups
+            n = plane // c_
+            c = plane - n * c_
+            oh0 = g * BLOCK
+            nr = min(BLOCK, oh_ - oh0)
+            _stage_rows_nchw(stage, x[n, c], oh0 * sh - pt, (nr - 1) * sh + eff_h, rowlen, sw, wq, pl)
+            for q in range(m_):
+                j = c * m_ + q
+                accv[:] = 0
+                d0 = ((n * cm + j) * oh_ + oh0) * ow_
+                for ow in range(0, ow_, L):
+                    count = min(L, ow_ - ow)
+                    d = d0 + ow
+                    if nr == BLOCK and count == L:
+                        _grad8(stage, ow, sh * rowlen, soff, taps, accv, 0, L,
+                               vload(flat_dy, d), vload(flat_dy, d + ow_), vload(flat_dy, d + 2 * ow_),
+                               vload(flat_dy, d + 3 * ow_), vload(flat_dy, d + 4 * ow_), vload(flat_dy, d + 5 * ow_),
+                               vload(flat_dy, d + 6 * ow_), vload(flat_dy, d + 7 * ow_))
+                    else:
+                        for b in range(nr):
+                            dv = vload(flat_dy, d + b * ow_) if count == L else vload_n(flat_dy, d + b * ow_, count)
+                            _grad1(stage, ow + b * sh * rowlen, soff, taps, accv, 0, L, dv, count)
+                for t in range(taps):
+                    partial[task, t * cm + j] += vsum(vload(accv, t * L))
 
 
 _KERNELS = {
@@ -331,6 +984,8 @@ _KERNELS = {
     ("forward", "NCHW"): _forward_nchw,
     ("backprop_input", "NHWC"): _backprop_input_nhwc,
     ("backprop_input", "NCHW"): _backprop_input_nchw,
+    ("backprop_input_exact", "NHWC"): _backprop_input_exact_nhwc,
+    ("backprop_input_exact", "NCHW"): _backprop_input_exact_nchw,
     ("backprop_filter", "NHWC"): _backprop_filter_nhwc,
     ("backprop_filter", "NCHW"): _backprop_filter_nchw,
 }
@@ -347,31 +1002,47 @@ def as_array(obj, name):
     return np.asarray(obj)
 
 
+def _lanes(acc):
+    return 64 // np.dtype(acc).itemsize
+
+
 def _kernel_view(array, dtype):
     """A C-contiguous array of ``dtype`` data as the kernel sees it (16-bit floats as bit patterns)."""
     return np.ascontiguousarray(array, dtype=dtype).view(spec.storage_dtype(dtype))
 
 
-def _widened_filter(f, geom):
-    acc = spec.accumulator_dtype(f.dtype)
-    return np.ascontiguousarray(f, dtype=acc).reshape(geom.filter_height, geom.filter_width, geom.out_channels)
+def _empty_aligned(shape, dtype):
+    """An uninitialised C-contiguous array whose data starts on a 64-byte boundary."""
+    dtype = np.dtype(dtype)
+    size = int(np.prod(shape))
+    raw = np.empty(size * dtype.itemsize + 64, np.uint8)
+    skip = -raw.ctypes.data % 64
+    return raw[skip:skip + size * dtype.itemsize].view(dtype).reshape(shape)
 
 
-def _run(op, geom, dtype, out, inputs, result_shape, *operands):
-    """Run ``op``'s kernel into ``out`` (or a new array) and return it.
+def _tasks(units):
+    return max(1, min(numba.get_num_threads(), units))
 
-    ``inputs`` are the caller's arrays: a direct write into ``out`` is only made when it is a
-    writeable C-contiguous array that shares no memory with them.
-    """
+
+def _padded_taps(matrix, width, acc):
+    """(taps, K) -> (taps, width) in the accumulator dtype, zero beyond K."""
+    taps, k = matrix.shape
+    padded = np.zeros((taps, width), acc)
+    padded[:, :k] = matrix
+    return padded
+
+
+def _result(geom, dtype, out, inputs, shape):
+    """The array the kernel writes (``out`` itself when it can be written directly) and ``out``."""
     if out is not None and not out.flags.writeable:
         raise ValueError("out must be writeable, got a read-only array")
     direct = (out is not None and out.flags.c_contiguous
               and not any(np.may_share_memory(out, a) for a in inputs))
-    result = out if direct else np.empty(result_shape, dtype)
-    kernel = _KERNELS[op, geom.data_format]
-    kernel(*operands, result.view(spec.storage_dtype(dtype)),
-           geom.stride_h, geom.stride_w, geom.dilation_h, geom.dilation_w, geom.pad_top, geom.pad_left)
-    if out is not None and not direct:
+    return out if direct else _empty_aligned(shape, dtype)
+
+
+def _deliver(result, out):
+    if out is not None and result is not out:
         out[...] = result
         return out
     return result
@@ -382,31 +1053,104 @@ def forward(x, f, geom, out=None, bias=None, activation="linear"):
     are fused into the store of each output element (one pass over the output)."""
     dtype = x.dtype
     acc = spec.accumulator_dtype(dtype)
-    bias = np.zeros(0, acc) if bias is None else np.ascontiguousarray(bias, dtype=acc)
-    return _run("forward", geom, dtype, out, (x, f), geom.output_shape,
-                _kernel_view(x, dtype), _widened_filter(f, geom), bias, *spec.activation_bounds(activation, dtype))
+    lo, hi = spec.activation_bounds(activation, dtype)
+    result = _result(geom, dtype, out, (x, f), geom.output_shape)
+    if result.size:
+        cm, taps = geom.out_channels, geom.filter_height * geom.filter_width
+        filt = np.asarray(f).reshape(taps, cm).astype(acc)
+        b = np.zeros(cm, acc) if bias is None else np.asarray(bias).astype(acc)
+        xs, ys = _kernel_view(x, dtype), result.view(spec.storage_dtype(dtype))
+        geo = (geom.filter_height, geom.filter_width, geom.stride_h, geom.stride_w,
+               geom.dilation_h, geom.dilation_w, geom.pad_top, geom.pad_left)
+        if geom.data_format == "NHWC":
+            cp = -(-cm // _lanes(acc)) * _lanes(acc)
+            wts = _padded_taps(filt, cp, acc).ravel()
+            bp = _padded_taps(b[None], cp, acc)[0]
+            group = _nhwc_group(geom, cp, acc, geom.out_height, geom.out_width)
+            _forward_nhwc(xs, wts, bp, bias is not None, lo, hi, ys, *geo,
+                          _tasks(geom.batch * geom.out_height), group)
+        else:
+            rows = 8 if geom.out_height >= 8 else (4 if geom.out_height >= 4 else 1)
+            units = geom.batch * geom.channels * -(-geom.out_height // rows)
+            _forward_nchw(xs, np.ascontiguousarray(filt.T).ravel(), b, bias is not None, lo, hi, ys, *geo,
+                          _tasks(units))
+    return _deliver(result, out)
+
+
+def _nhwc_group(geom, cp, acc, out_height, out_width):
+    """Channel blocks staged together so the stage stays within :data:`STAGE_BYTES`."""
+    lanes = _lanes(acc)
+    eff_h = (geom.filter_height - 1) * geom.dilation_h + 1
+    wq = -(-((out_width - 1) * geom.stride_w + (geom.filter_width - 1) * geom.dilation_w + 1) // geom.stride_w)
+    cbstride = (eff_h + 1) * geom.stride_w * wq * lanes + lanes
+    return max(1, min(cp // lanes, STAGE_BYTES // (cbstride * np.dtype(acc).itemsize)))
 
 
 def backprop_input(f, dy, geom, out=None):
     dtype = dy.dtype
-    return _run("backprop_input", geom, dtype, out, (f, dy), geom.input_shape,
-                _kernel_view(dy, dtype), _widened_filter(f, geom))
+    acc = spec.accumulator_dtype(dtype)
+    result = _result(geom, dtype, out, (f, dy), geom.input_shape)
+    if result.size:
+        ys, xs = _kernel_view(dy, dtype), result.view(spec.storage_dtype(dtype))
+        kh, kw, c, m = geom.filter_shape
+        filt = np.asarray(f).astype(acc)
+        geo = (geom.stride_h, geom.stride_w, geom.dilation_h, geom.dilation_w, geom.pad_top, geom.pad_left)
+        if dy.size == 0:
+            xs[...] = 0
+        elif not np.isfinite(filt).all():
+            # padding zeros times NaN/Inf would not be zero: gather only real terms
+            _KERNELS["backprop_input_exact", geom.data_format](ys, filt.reshape(kh, kw, c * m), xs, *geo)
+        elif geom.data_format == "NHWC":
+            lanes = _lanes(acc)
+            cp = -(-c // lanes) * lanes
+            # [tap][q][channel]: the weights of one multiplier slice are contiguous over channels
+            wts = np.zeros((kh * kw, m, cp), acc)
+            wts[:, :, :c] = filt.reshape(kh * kw, c, m).transpose(0, 2, 1)
+            budget = STAGE_BYTES // np.dtype(acc).itemsize
+            _backprop_input_nhwc(ys, wts.ravel(), xs, kh, kw, *geo, _tasks(geom.batch * geom.in_height),
+                                 _bpi_group(geom, cp, lanes, budget))
+        else:
+            wts = np.ascontiguousarray(filt.reshape(kh * kw, c * m).T).ravel()
+            _backprop_input_nchw(ys, wts, xs, kh, kw, *geo, _tasks(geom.batch * geom.channels * geom.in_height))
+    return _deliver(result, out)
+
+
+def _bpi_group(geom, cp, lanes, budget):
+    sw = geom.stride_w
+    padl = max(0, -(-((geom.filter_width - 1) * geom.dilation_w - geom.pad_left) // sw))
+    owp = geom.out_width + padl + geom.in_width // sw + geom.filter_width + 2  # generous bound
+    slots = ((geom.filter_height - 1) * geom.dilation_h) // geom.stride_h + 1
+    cbstride = slots * geom.multiplier * owp * lanes + lanes
+    return max(1, min(cp // lanes, budget // cbstride))
 
 
 def backprop_filter(x, dy, geom, out=None):
     dtype = x.dtype
+    acc = spec.accumulator_dtype(dtype)
     if out is not None and not out.flags.writeable:
         raise ValueError("out must be writeable, got a read-only array")
-    tasks = max(1, min(numba.get_num_threads(), geom.batch * geom.out_height))
-    partial = np.zeros((tasks, geom.filter_height, geom.filter_width, geom.out_channels),
-                       spec.accumulator_dtype(dtype))
-    kernel = _KERNELS["backprop_filter", geom.data_format]
-    kernel(_kernel_view(x, dtype), _kernel_view(dy, dtype), partial,
-           geom.stride_h, geom.stride_w, geom.dilation_h, geom.dilation_w, geom.pad_top, geom.pad_left)
-    # Fixed-order reduction over tasks, still in the accumulator dtype; one rounding at the end.
-    total = partial[0]
-    for t in range(1, tasks):
-        total += partial[t]
+    kh, kw, c, m = geom.filter_shape
+    taps, cm = kh * kw, c * m
+    if x.size == 0 or dy.size == 0:
+        total = np.zeros((taps, cm), acc)
+    else:
+        xs, ys = _kernel_view(x, dtype), _kernel_view(dy, dtype)
+        geo = (kh, kw, geom.stride_h, geom.stride_w, geom.dilation_h, geom.dilation_w, geom.pad_top, geom.pad_left)
+        if geom.data_format == "NHWC":
+            lanes = _lanes(acc)
+            cp = -(-cm // lanes) * lanes
+            partial = np.zeros((_tasks(geom.batch * geom.out_height), taps * cp), acc)
+            _backprop_filter_nhwc(xs, ys, partial, *geo, STAGE_BYTES // np.dtype(acc).itemsize)
+        else:
+            cp = cm
+            units = geom.batch * geom.channels * -(-geom.out_height // 8)
+            partial = np.zeros((_tasks(units), taps * cp), acc)
+            _backprop_filter_nchw(xs, ys, partial, *geo)
+        # Fixed-order reduction over tasks, still in the accumulator dtype; one rounding at the end.
+        total = partial[0].copy()
+        for t in range(1, partial.shape[0]):
+            total += partial[t]
+        total = total.reshape(taps, cp)[:, :cm]
     result = total.reshape(geom.filter_shape).astype(dtype)
     if out is None:
         return result

@@ -1,0 +1,323 @@
+"""Explicit SIMD vectors for the CPU kernels (a small Numba extension).
+
+LLVM's loop vectoriser only vectorises innermost loops and, with runtime strides, keeps one
+address register per stream, so register-blocked depthwise loops either stay scalar or spill.
+These intrinsics let a kernel hold 64-byte vectors in variables instead: 16 float32 lanes (the
+accumulator of float16, bfloat16 and float32 data) or 8 float64 lanes. LLVM lowers them to one
+zmm register each with AVX-512, to two ymm registers with AVX2, and to whatever the target has
+elsewhere, so the kernels stay portable.
+
+Loads and stores take an array and a flat element offset into its data (the caller does the
+index arithmetic, so a block of pixels shares one base address and constant displacements).
+16-bit storage (float16 as uint16 bits, bfloat16 as int16 bits, see :func:`nbdw.spec.storage_dtype`)
+is widened to float32 on load and rounded to nearest even on store, in registers. Arithmetic
+carries the same fast-math flags as :data:`nbdw.cpu.FASTMATH`: no ``nnan``/``ninf``, so NaN and
+Inf propagate.
+
+Numba's on-disk cache keys a kernel on its own source file only: after editing this module,
+clear ``nbdw/__pycache__`` so that cached kernels are rebuilt with the new intrinsics.
+"""
+
+from __future__ import annotations
+
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic, models, register_model
+
+#: Vector size in bytes; lanes are 16 for float32 accumulators and 8 for float64.
+VECTOR_BYTES = 64
+
+# Same set as nbdw.cpu.FASTMATH (kept here to avoid an import cycle): NaN/Inf semantics kept.
+_FLAGS = ("nsz", "arcp", "contract", "afn", "reassoc")
+
+
+class Vector(types.Type):
+    """A SIMD vector of ``lanes`` values of ``dtype`` (float32 or float64)."""
+
+    def __init__(self, dtype):
+        self.dtype = dtype
+        self.lanes = VECTOR_BYTES // (8 if dtype == types.float64 else 4)
+        super().__init__(name=f"Vector({dtype} x {self.lanes})")
+
+
+@register_model(Vector)
+class _VectorModel(models.PrimitiveModel):
+    def __init__(self, dmm, fe_type):
+        element = ir.DoubleType() if fe_type.dtype == types.float64 else ir.FloatType()
+        super().__init__(dmm, fe_type, ir.VectorType(element, fe_type.lanes))
+
+
+_F32 = Vector(types.float32)
+_F64 = Vector(types.float64)
+_I32 = ir.IntType(32)
+
+
+def vector_type(dtype):
+    """The accumulator vector for arrays of ``dtype`` (storage dtypes included), or None."""
+    if dtype == types.float64:
+        return _F64
+    if dtype in (types.float32, types.uint16, types.int16):
+        return _F32
+    return None
+
+
+def _widen(builder, raw, storage):
+    """Stored vector (raw element type) -> accumulator vector."""
+    n = raw.type.count
+    if storage == types.uint16:  # IEEE half: fpext is exact
+        return builder.fpext(builder.bitcast(raw, ir.VectorType(ir.HalfType(), n)), ir.VectorType(ir.FloatType(), n))
+    if storage == types.int16:  # bfloat16 is the top half of a float32
+        wide = builder.zext(raw, ir.VectorType(_I32, n))
+        wide = builder.shl(wide, ir.Constant(ir.VectorType(_I32, n), [16] * n))
+        return builder.bitcast(wide, ir.VectorType(ir.FloatType(), n))
+    return raw
+
+
+def _narrow(builder, value, storage):
+    """Accumulator vector -> stored vector (raw element type), rounding to nearest even."""
+    n = value.type.count
+    if storage == types.uint16:
+        return builder.bitcast(builder.fptrunc(value, ir.VectorType(ir.HalfType(), n)), ir.VectorType(ir.IntType(16), n))
+    if storage == types.int16:
+        i32 = ir.VectorType(_I32, n)
+
+        def const(v):
+            return ir.Constant(i32, [v] * n)
+
+        bits = builder.bitcast(value, i32)
+        high = builder.lshr(bits, const(16))
+        bias = builder.add(const(0x7FFF), builder.and_(high, const(1)))
+        rounded = builder.lshr(builder.add(bits, bias), const(16))
+        quiet_nan = builder.or_(high, const(0x40))
+        is_nan = builder.fcmp_unordered("uno", value, value)
+        return builder.trunc(builder.select(is_nan, quiet_nan, rounded), ir.VectorType(ir.IntType(16), n))
+    return value
+
+
+def _pointer(context, builder, arrty, arr, offset, vt):
+    """Pointer to ``vt.lanes`` stored elements at flat element ``offset`` of ``arr``'s data."""
+    ary = context.make_array(arrty)(context, builder, arr)
+    element = context.get_data_type(arrty.dtype)
+    ptr = builder.gep(ary.data, [offset], inbounds=True)
+    return builder.bitcast(ptr, ir.PointerType(ir.VectorType(element, vt.lanes))), element
+
+
+def _align(arrty):
+    return 2 if arrty.dtype in (types.uint16, types.int16) else (8 if arrty.dtype == types.float64 else 4)
+
+
+def _lane_mask(builder, count, lanes):
+    """<lanes x i1>: lane < count."""
+    count = builder.trunc(count, _I32) if count.type.width > 32 else count
+    splat = cgutils.get_null_value(ir.VectorType(_I32, lanes))
+    splat = builder.insert_element(splat, count, ir.Constant(_I32, 0))
+    splat = builder.shuffle_vector(splat, splat, ir.Constant(ir.VectorType(_I32, lanes), [0] * lanes))
+    return builder.icmp_signed("<", ir.Constant(ir.VectorType(_I32, lanes), list(range(lanes))), splat)
+
+
+def _is_array(arr):
+    # flat offsets address the data buffer directly, so only C-contiguous arrays are accepted
+    return isinstance(arr, types.Array) and arr.layout == "C" and vector_type(arr.dtype) is not None
+
+
+@intrinsic
+def vlanes(typingctx, like):
+    """The number of lanes of the accumulator vector of array ``like`` (a compile-time constant)."""
+    if not _is_array(like):
+        return None
+    vt = vector_type(like.dtype)
+
+    def codegen(context, builder, sig, args):
+        return ir.Constant(ir.IntType(64), vt.lanes)
+
+    return types.intp(like), codegen
+
+
+@intrinsic
+def vzero(typingctx, like):
+    """A zero vector of the accumulator type of array ``like``."""
+    if not _is_array(like):
+        return None
+    vt = vector_type(like.dtype)
+
+    def codegen(context, builder, sig, args):
+        return cgutils.get_null_value(context.get_value_type(vt))
+
+    return vt(like), codegen
+
+
+@intrinsic
+def vsplat(typingctx, like, value):
+    """``value`` (a scalar) in every lane of the accumulator vector of array ``like``."""
+    if not _is_array(like) or not isinstance(value, types.Float):
+        return None
+    vt = vector_type(like.dtype)
+
+    def codegen(context, builder, sig, args):
+        scalar = context.cast(builder, args[1], sig.args[1], vt.dtype)
+        vty = context.get_value_type(vt)
+        v = builder.insert_element(cgutils.get_null_value(vty), scalar, ir.Constant(_I32, 0))
+        return builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, vt.lanes), [0] * vt.lanes))
+
+    return vt(like, value), codegen
+
+
+@intrinsic
+def vbroadcast(typingctx, arr, offset):
+    """Element ``offset`` of ``arr`` (widened) in every lane."""
+    if not _is_array(arr) or not isinstance(offset, types.Integer):
+        return None
+    vt = vector_type(arr.dtype)
+
+    def codegen(context, builder, sig, args):
+        ary = context.make_array(sig.args[0])(context, builder, args[0])
+        raw = builder.load(builder.gep(ary.data, [args[1]], inbounds=True), align=_align(arr))
+        vec = builder.insert_element(cgutils.get_null_value(ir.VectorType(raw.type, vt.lanes)), raw, ir.Constant(_I32, 0))
+        vec = builder.shuffle_vector(vec, vec, ir.Constant(ir.VectorType(_I32, vt.lanes), [0] * vt.lanes))
+        return _widen(builder, vec, arr.dtype)
+
+    return vt(arr, offset), codegen
+
+
+@intrinsic
+def vload(typingctx, arr, offset):
+    """``lanes`` consecutive elements of ``arr`` from flat element ``offset``, widened."""
+    if not _is_array(arr) or not isinstance(offset, types.Integer):
+        return None
+    vt = vector_type(arr.dtype)
+
+    def codegen(context, builder, sig, args):
+        ptr, _ = _pointer(context, builder, sig.args[0], args[0], args[1], vt)
+        return _widen(builder, builder.load(ptr, align=_align(arr)), arr.dtype)
+
+    return vt(arr, offset), codegen
+
+
+@intrinsic
+def vload_n(typingctx, arr, offset, count):
+    """Like :func:`vload` for the first ``count`` lanes only; the other lanes are zero and their
+    memory is not touched."""
+    if not _is_array(arr) or not isinstance(offset, types.Integer) or not isinstance(count, types.Integer):
+        return None
+    vt = vector_type(arr.dtype)
+
+    def codegen(context, builder, sig, args):
+        ptr, element = _pointer(context, builder, sig.args[0], args[0], args[1], vt)
+        vty = ir.VectorType(element, vt.lanes)
+        fn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(vty, [ptr.type, _I32, ir.VectorType(ir.IntType(1), vt.lanes), vty]),
+            f"llvm.masked.load.v{vt.lanes}{_suffix(element)}.p0")
+        mask = _lane_mask(builder, context.cast(builder, args[2], sig.args[2], types.int64), vt.lanes)
+        raw = builder.call(fn, [ptr, ir.Constant(_I32, _align(arr)), mask, cgutils.get_null_value(vty)])
+        return _widen(builder, raw, arr.dtype)
+
+    return vt(arr, offset, count), codegen
+
+
+def _suffix(element):
+    if isinstance(element, ir.DoubleType):
+        return "f64"
+    if isinstance(element, ir.FloatType):
+        return "f32"
+    return f"i{element.width}"
+
+
+@intrinsic
+def vstore(typingctx, arr, offset, value):
+    """Store ``value`` (narrowed to ``arr``'s storage type) at flat element ``offset``."""
+    if not _is_array(arr) or not isinstance(offset, types.Integer) or value != vector_type(arr.dtype):
+        return None
+    vt = value
+
+    def codegen(context, builder, sig, args):
+        ptr, _ = _pointer(context, builder, sig.args[0], args[0], args[1], vt)
+        builder.store(_narrow(builder, args[2], arr.dtype), ptr, align=_align(arr))
+        return context.get_dummy_value()
+
+    return types.none(arr, offset, value), codegen
+
+
+@intrinsic
+def vstore_n(typingctx, arr, offset, value, count):
+    """Like :func:`vstore` for the first ``count`` lanes only; memory past them is not touched."""
+    if (not _is_array(arr) or not isinstance(offset, types.Integer) or value != vector_type(arr.dtype)
+            or not isinstance(count, types.Integer)):
+        return None
+    vt = value
+
+    def codegen(context, builder, sig, args):
+        ptr, element = _pointer(context, builder, sig.args[0], args[0], args[1], vt)
+        vty = ir.VectorType(element, vt.lanes)
+        fn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [vty, ptr.type, _I32, ir.VectorType(ir.IntType(1), vt.lanes)]),
+            f"llvm.masked.store.v{vt.lanes}{_suffix(element)}.p0")
+        mask = _lane_mask(builder, context.cast(builder, args[3], sig.args[3], types.int64), vt.lanes)
+        builder.call(fn, [_narrow(builder, args[2], arr.dtype), ptr, ir.Constant(_I32, _align(arr)), mask])
+        return context.get_dummy_value()
+
+    return types.none(arr, offset, value, count), codegen
+
+
+def _binary(name, op):
+    def typer(typingctx, a, b):
+        if not isinstance(a, Vector) or a != b:
+            return None
+
+        def codegen(context, builder, sig, args):
+            return op(builder, args[0], args[1])
+
+        return a(a, b), codegen
+
+    typer.__name__ = name
+    return intrinsic(typer)
+
+
+vadd = _binary("vadd", lambda b, x, y: b.fadd(x, y, flags=_FLAGS))
+vmul = _binary("vmul", lambda b, x, y: b.fmul(x, y, flags=_FLAGS))
+
+
+@intrinsic
+def vfma(typingctx, a, b, c):
+    """``a * b + c`` (fused where the target has FMA)."""
+    if not isinstance(a, Vector) or not (a == b == c):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.fadd(builder.fmul(args[0], args[1], flags=_FLAGS), args[2], flags=_FLAGS)
+
+    return a(a, b, c), codegen
+
+
+@intrinsic
+def vclamp(typingctx, v, lo, hi):
+    """``v`` clamped to ``[lo, hi]`` by comparisons, so NaN lanes stay NaN."""
+    if not isinstance(v, Vector) or not (v == lo == hi):
+        return None
+
+    def codegen(context, builder, sig, args):
+        x, low, high = args
+        x = builder.select(builder.fcmp_ordered("<", x, low), low, x)
+        return builder.select(builder.fcmp_ordered(">", x, high), high, x)
+
+    return v(v, lo, hi), codegen
+
+
+@intrinsic
+def vsum(typingctx, v):
+    """Sum of the lanes, in a fixed (pairwise) order."""
+    if not isinstance(v, Vector):
+        return None
+
+    def codegen(context, builder, sig, args):
+        x = args[0]
+        n = v.lanes
+        while n > 1:  # fold the upper half onto the lower half: deterministic tree order
+            half = n // 2
+            lo = builder.shuffle_vector(x, x, ir.Constant(ir.VectorType(_I32, half), list(range(half))))
+            hi = builder.shuffle_vector(x, x, ir.Constant(ir.VectorType(_I32, half), list(range(half, n))))
+            x = builder.fadd(lo, hi)
+            n = half
+        return builder.extract_element(x, ir.Constant(_I32, 0))
+
+    return v.dtype(v), codegen
