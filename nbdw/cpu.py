@@ -44,7 +44,8 @@ from numba import njit, prange, types
 from numba.extending import intrinsic, overload
 
 from . import spec
-from .simd import vbroadcast, vclamp, vfma, vlanes, vload, vload_n, vsplat, vstore, vstore_n, vsum, vzero, vadd
+from .simd import (prefetch, store_fence, vadd, vbroadcast, vclamp, vfma, vlanes, vload, vload_n, vsplat,
+                   vstore, vstore_n, vstream, vsum, vzero)
 
 # Like fastmath=True but keeping NaN and Inf semantics (no nnan/ninf), so NaNs propagate.
 FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
@@ -54,6 +55,11 @@ STAGE_BYTES = 192 * 1024
 
 #: Output pixels (NHWC) or rows (NCHW) computed together by the micro-kernel.
 BLOCK = 8
+
+#: Results at least this large are written with non-temporal stores: they would not stay in
+#: cache anyway, and bypassing it saves the read-for-ownership of every line (a third of the
+#: memory traffic of a streaming kernel).
+STREAM_BYTES = 4 * 1024 * 1024
 
 
 def unavailable_reason():
@@ -283,12 +289,55 @@ def _put(dst, o, v, count):
 
 
 @njit(cache=True, fastmath=FASTMATH)
+def _emit(dst, o, v, count, stream):
+    """:func:`_put`, bypassing the caches (non-temporal) for full, aligned vectors when
+    ``stream``: an output larger than the caches then costs no read-for-ownership traffic."""
+    L = vlanes(dst)
+    if stream and count >= L and o % L == 0:
+        vstream(dst, o, v)
+    elif count >= L:
+        vstore(dst, o, v)
+    else:
+        vstore_n(dst, o, v, count)
+
+
+@njit(cache=True)
+def _prefetch_some(arr, pf, end, count):
+    """Prefetch up to ``count`` cache lines of ``arr`` from element ``pf`` (below ``end``);
+    returns where to continue. Spread over a row's blocks, this overlaps the next row's reads
+    with the current row's arithmetic."""
+    step = 64 // arr.itemsize
+    for _ in range(count):
+        if pf >= end:
+            break
+        prefetch(arr, pf)
+        pf += step
+    return pf
+
+
+@njit(cache=True, fastmath=FASTMATH)
 def _finish(v, bv, has_bias, lov, hiv):
     """The forward epilogue on a vector: bias add (only when there is a bias, so that -0.0
     stays -0.0) and the activation clamp (comparisons, so NaN lanes stay NaN)."""
     if has_bias:
         v = vadd(v, bv)
     return vclamp(v, lov, hiv)
+
+
+@njit(cache=True)
+def _next_rows_nhwc(x, n, oh, oh_, sh, pt, reach, new, enabled):
+    """Element range of NHWC ``x`` holding the ``new`` input rows that output row ``oh + 1``
+    of image ``n`` adds to the ring (its last taps reach ``reach`` rows below its first); empty
+    when not ``enabled`` or when the next row starts another image."""
+    h_ = x.shape[1]
+    if not enabled or oh + 1 >= oh_:
+        return 0, 0
+    last = min((oh + 1) * sh - pt + reach, h_ - 1)
+    first = max(last - new + 1, 0)
+    if last < first:
+        return 0, 0
+    per_row = x.shape[2] * x.shape[3]
+    return (n * h_ + first) * per_row, (n * h_ + last + 1) * per_row
 
 
 @njit(cache=True, fastmath=FASTMATH)
@@ -315,19 +364,20 @@ def _stage_row_nhwc(stage, x, n, ih, m_, g0, g1, dst0, cbstride, sw, wq, pl):
         if hi <= lo:
             continue
         first = lo * sw + ph - pl  # input column of stage column lo
-        for cb in range(g0, g1):
-            dst = dst0 + (cb - g0) * cbstride + (ph * wq + lo) * L
-            if m_ == 1:
-                src = (row + first) * c_ + cb * L
-                left = c_ - cb * L
-                if left >= L:
-                    for col in range(hi - lo):
-                        vstore(stage, dst + col * L, vload(x, src + col * sw * c_))
-                else:
-                    for col in range(hi - lo):
-                        vstore(stage, dst + col * L, vload_n(x, src + col * sw * c_, left))
-            else:
-                flat = x.reshape(-1)
+        if m_ == 1:
+            # pixel by pixel, so that x is read sequentially (the blocks go to separate regions)
+            full = min(g1, c_ // L)  # blocks without a channel tail
+            for col in range(hi - lo):
+                src = (row + first + col * sw) * c_
+                dst = dst0 + (ph * wq + lo + col) * L
+                for cb in range(g0, full):
+                    vstore(stage, dst + (cb - g0) * cbstride, vload(x, src + cb * L))
+                if full < g1:
+                    vstore(stage, dst + (full - g0) * cbstride, vload_n(x, src + full * L, c_ - full * L))
+        else:
+            flat = x.reshape(-1)
+            for cb in range(g0, g1):
+                dst = dst0 + (cb - g0) * cbstride + (ph * wq + lo) * L
                 j0 = cb * L
                 j1 = min(j0 + L, cm)
                 for col in range(hi - lo):
@@ -342,9 +392,10 @@ def _stage_row_nhwc(stage, x, n, ih, m_, g0, g1, dst0, cbstride, sw, wq, pl):
 # ---------------------------------------------------------------------------
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
-def _forward_nhwc(x, wts, bias, has_bias, lo, hi, out, kh_, kw_, sh, sw, dh, dw, pt, pl, tasks, group):
+def _forward_nhwc(x, wts, bias, has_bias, lo, hi, out, kh_, kw_, sh, sw, dh, dw, pt, pl, tasks, group, stream):
     """x (N, H, W, C); wts (KH*KW*CP,) widened filter, tap-major, channels padded to CP lanes;
-    bias (CP,); clamp [lo, hi]; out (N, OH, OW, C*M). Storage dtypes (16-bit as bit patterns)."""
+    bias (CP,); clamp [lo, hi]; out (N, OH, OW, C*M). Storage dtypes (16-bit as bit patterns).
+    ``stream``: write ``out`` with non-temporal stores."""
     n_, h_ = x.shape[0], x.shape[1]
     oh_, ow_, cm = out.shape[1], out.shape[2], out.shape[3]
     cp = bias.shape[0]
@@ -386,6 +437,10 @@ def _forward_nhwc(x, wts, bias, has_bias, lo, hi, out, kh_, kw_, sh, sw, dh, dw,
                         woff[t] = (kh * kw_ + kw) * cp
                         t += 1
                 orow = (n * oh_ + oh) * ow_
+                # the input rows the next output row will stage, prefetched while this one computes
+                pf, pf_end = _next_rows_nhwc(x, n, oh, oh_, sh, pt, (kh_ - 1) * dh, min(sh, eff_h),
+                                             row + 1 < r1 and g1 - g0 == blocks)
+                per = (pf_end - pf) // (64 // x.itemsize) // ((ow_ + BLOCK - 1) // BLOCK * (g1 - g0)) + 1
                 for cb in range(g0, g1):
                     sb = (cb - g0) * cbstride
                     wb = cb * L
@@ -399,7 +454,8 @@ def _forward_nhwc(x, wts, bias, has_bias, lo, hi, out, kh_, kw_, sh, sw, dh, dw,
                             r = _mac8(stage, sb + ow * L, L, soff, wts, woff, wb, t, False)
                             o = (orow + ow) * cm + wb
                             for b in range(BLOCK):
-                                _put(out, o + b * cm, _finish(r[b], bv, has_bias, lov, hiv), count)
+                                _emit(out, o + b * cm, _finish(r[b], bv, has_bias, lov, hiv), count, stream)
+                            pf = _prefetch_some(x, pf, pf_end, per)
                             ow += BLOCK
                         elif ow_ >= 4:
                             if ow + 4 > ow_:
@@ -413,6 +469,8 @@ def _forward_nhwc(x, wts, bias, has_bias, lo, hi, out, kh_, kw_, sh, sw, dh, dw,
                             a = _mac1(stage, sb + ow * L, soff, wts, woff, wb, t, False)
                             _put(out, (orow + ow) * cm + wb, _finish(a, bv, has_bias, lov, hiv), count)
                             ow += 1
+        if stream:
+            store_fence()
 
 
 @njit(cache=True, fastmath=FASTMATH)
@@ -1020,6 +1078,11 @@ def _empty_aligned(shape, dtype):
     return raw[skip:skip + size * dtype.itemsize].view(dtype).reshape(shape)
 
 
+def _stream(result):
+    """Whether a kernel should write ``result`` with non-temporal stores (large and 64-byte aligned)."""
+    return result.nbytes >= STREAM_BYTES and result.ctypes.data % 64 == 0
+
+
 def _tasks(units):
     return max(1, min(numba.get_num_threads(), units))
 
@@ -1068,7 +1131,7 @@ def forward(x, f, geom, out=None, bias=None, activation="linear"):
             bp = _padded_taps(b[None], cp, acc)[0]
             group = _nhwc_group(geom, cp, acc, geom.out_height, geom.out_width)
             _forward_nhwc(xs, wts, bp, bias is not None, lo, hi, ys, *geo,
-                          _tasks(geom.batch * geom.out_height), group)
+                          _tasks(geom.batch * geom.out_height), group, _stream(ys))
         else:
             rows = 8 if geom.out_height >= 8 else (4 if geom.out_height >= 4 else 1)
             units = geom.batch * geom.channels * -(-geom.out_height // rows)

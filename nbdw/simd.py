@@ -321,3 +321,49 @@ def vsum(typingctx, v):
         return builder.extract_element(x, ir.Constant(_I32, 0))
 
     return v.dtype(v), codegen
+
+
+@intrinsic
+def prefetch(typingctx, arr, offset):
+    """Hint that element ``offset`` of ``arr`` will be read soon (fetched into all cache levels)."""
+    if not isinstance(arr, types.Array) or arr.layout != "C" or not isinstance(offset, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        ary = context.make_array(sig.args[0])(context, builder, args[0])
+        ptr = builder.bitcast(builder.gep(ary.data, [args[1]]), ir.PointerType(ir.IntType(8)))
+        fn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [ptr.type, _I32, _I32, _I32]), "llvm.prefetch.p0")
+        builder.call(fn, [ptr, ir.Constant(_I32, 0), ir.Constant(_I32, 2), ir.Constant(_I32, 1)])
+        return context.get_dummy_value()
+
+    return types.none(arr, offset), codegen
+
+
+@intrinsic
+def vstream(typingctx, arr, offset, value):
+    """:func:`vstore` that bypasses the caches (a non-temporal store). The address must be
+    aligned to the stored vector's size (64 bytes for 32-bit storage, 32 for 16-bit)."""
+    if not _is_array(arr) or not isinstance(offset, types.Integer) or value != vector_type(arr.dtype):
+        return None
+    vt = value
+
+    def codegen(context, builder, sig, args):
+        ptr, element = _pointer(context, builder, sig.args[0], args[0], args[1], vt)
+        raw = _narrow(builder, args[2], arr.dtype)
+        store = builder.store(raw, ptr, align=vt.lanes * context.get_abi_sizeof(element))
+        store.set_metadata("nontemporal", builder.module.add_metadata([ir.Constant(_I32, 1)]))
+        return context.get_dummy_value()
+
+    return types.none(arr, offset, value), codegen
+
+
+@intrinsic
+def store_fence(typingctx):
+    """Order earlier non-temporal stores before later memory operations (a full fence)."""
+
+    def codegen(context, builder, sig, args):
+        builder.fence("seq_cst")
+        return context.get_dummy_value()
+
+    return types.none(), codegen
