@@ -44,8 +44,8 @@ from numba import njit, prange, types
 from numba.extending import intrinsic, overload
 
 from . import spec
-from .simd import (prefetch, store_fence, vadd, vbroadcast, vclamp, vfma, vlanes, vload, vload_n, vsplat,
-                   vstore, vstore_n, vstream, vsum, vzero)
+from .simd import (prefetch, store_fence, vadd, vbroadcast, vclamp, veven, vfma, vlanes, vload, vload_lanes, vload_n,
+                   vodd, vsplat, vstore, vstore_n, vstream, vsum, vzero, vzip_hi, vzip_lo)
 
 # Like fastmath=True but keeping NaN and Inf semantics (no nnan/ninf), so NaNs propagate.
 FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
@@ -301,6 +301,33 @@ def _emit(dst, o, v, count, stream):
         vstore_n(dst, o, v, count)
 
 
+@njit(cache=True, fastmath=FASTMATH)
+def _copy_out(dst, o, src, s, count, stream):
+    """``dst[o:o + count] = src[s:s + count]`` (accumulator values narrowed to ``dst``'s storage).
+
+    With ``stream``, the 64-byte-aligned middle is written with non-temporal stores, in address
+    order so that the halves of a line written by 32-byte vectors (16-bit data) are combined.
+    """
+    L = vlanes(dst)
+    i = 0
+    if stream:
+        head = min(-o % (64 // dst.itemsize), count)
+        while i + L <= head:
+            vstore(dst, o + i, vload(src, s + i))
+            i += L
+        if i < head:
+            vstore_n(dst, o + i, vload_n(src, s + i, head - i), head - i)
+            i = head
+        while i + L <= count:
+            vstream(dst, o + i, vload(src, s + i))
+            i += L
+    while i + L <= count:
+        vstore(dst, o + i, vload(src, s + i))
+        i += L
+    if i < count:
+        vstore_n(dst, o + i, vload_n(src, s + i, count - i), count - i)
+
+
 @njit(cache=True)
 def _prefetch_some(arr, pf, end, count):
     """Prefetch up to ``count`` cache lines of ``arr`` from element ``pf`` (below ``end``);
@@ -473,44 +500,72 @@ def _forward_nhwc(x, wts, bias, has_bias, lo, hi, out, kh_, kw_, sh, sw, dh, dw,
             store_fence()
 
 
+@njit(cache=True)
+def _next_unit_nchw(x, enabled, unit, groups, rb, sh, pt, nrows):
+    """Element range of NCHW ``x`` that work unit ``unit`` (plane, group of ``rb`` output rows)
+    will stage; empty when not ``enabled``."""
+    c_, h_, w_ = x.shape[1], x.shape[2], x.shape[3]
+    if not enabled:
+        return 0, 0
+    plane = unit // groups
+    oh0 = (unit - plane * groups) * rb
+    first = max(oh0 * sh - pt, 0)
+    last = min(oh0 * sh - pt + nrows, h_)
+    if last <= first:
+        return 0, 0
+    return (plane * h_ + first) * w_, (plane * h_ + last) * w_
+
+
 @njit(cache=True, fastmath=FASTMATH)
-def _stage_rows_nchw(stage, plane, ih0, nrows, rowlen, sw, wq, pl):
+def _load_span(flat, src, first, size):
+    """Elements ``first .. first + L`` of the row ``flat[src:src + size]``, zero outside it."""
+    L = vlanes(flat)
+    if first >= 0 and first + L <= size:
+        return vload(flat, src + first)
+    return vload_lanes(flat, src + first, max(-first, 0), min(size - first, L))
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def _stage_rows_nchw(stage, plane, ih0, nrows, seg, sw, pl):
     """Rows ``ih0 .. ih0 + nrows`` of one NCHW plane (``plane``: (H, W) storage) into the stage:
-    row ``r`` at ``r * rowlen``, phase ``ph`` at ``ph * (wq + L)``; rows outside the plane and the
-    padding are zero."""
+    row ``r`` at ``r * sw * seg``, stride phase ``ph`` (padded columns ``col * sw + ph``) at
+    ``ph * seg``; ``seg`` is a multiple of the lane count, so every store is a whole aligned
+    vector. Rows outside the plane and the padding are written as zeros; columns past the end
+    of the padded row may hold data (only lanes that are dropped read them)."""
     h_, w_ = plane.shape
     L = vlanes(stage)
     flat = plane.reshape(-1)
     for r in range(nrows):
         ih = ih0 + r
-        dst = r * rowlen
+        dst = r * sw * seg
         if ih < 0 or ih >= h_:
-            for i in range(0, sw * (wq + L), L):
+            for i in range(0, sw * seg, L):
                 vstore(stage, dst + i, vzero(stage))
             continue
-        for ph in range(sw):
-            lo = (pl - ph + sw - 1) // sw
-            if lo < 0:
-                lo = 0
-            hi = (pl + w_ - ph + sw - 1) // sw
-            if hi > wq:
-                hi = wq
-            d = dst + ph * (wq + L)
-            src = ih * w_ + lo * sw + ph - pl
-            if sw == 1:
-                col = lo
-                while col + L <= hi:
-                    vstore(stage, d + col, vload(flat, src + col - lo))
-                    col += L
-                if col < hi:
-                    vstore_n(stage, d + col, vload_n(flat, src + col - lo, hi - col), hi - col)
-            else:
-                for col in range(lo, hi):
-                    stage[_index(d + col)] = widen(flat[_index(src + (col - lo) * sw)])
+        src = ih * w_
+        if sw == 1:  # stage column c holds input column c - pl
+            for c0 in range(0, seg, L):
+                vstore(stage, dst + c0, _load_span(flat, src, c0 - pl, w_))
+        elif sw == 2:  # load 2 L consecutive input columns, split them into even and odd
+            for c0 in range(0, seg, L):
+                first = 2 * c0 - pl
+                a = _load_span(flat, src, first, w_)
+                b = _load_span(flat, src, first + L, w_)
+                vstore(stage, dst + c0, veven(a, b))
+                vstore(stage, dst + seg + c0, vodd(a, b))
+        else:
+            for ph in range(sw):
+                d = dst + ph * seg
+                for col in range(seg):
+                    ic = col * sw + ph - pl
+                    if 0 <= ic < w_:
+                        stage[_index(d + col)] = widen(flat[_index(src + ic)])
+                    else:
+                        stage[_index(d + col)] = 0
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
-def _forward_nchw(x, wts, bias, has_bias, lo, hi, out, kh_, kw_, sh, sw, dh, dw, pt, pl, tasks):
+def _forward_nchw(x, wts, bias, has_bias, lo, hi, out, kh_, kw_, sh, sw, dh, dw, pt, pl, tasks, stream):
     """x (N, C, H, W); wts (C*M*KH*KW,) widened, plane-major; bias (C*M,); out (N, C*M, OH, OW).
 
     Vectors run along the width; the micro-kernel blocks eight output rows at the same columns.
@@ -524,19 +579,21 @@ def _forward_nchw(x, wts, bias, has_bias, lo, hi, out, kh_, kw_, sh, sw, dh, dw,
     groups = (oh_ + rb - 1) // rb
     eff_h = (kh_ - 1) * dh + 1
     wq = ((ow_ - 1) * sw + (kw_ - 1) * dw + 1 + sw - 1) // sw
-    rowlen = sw * (wq + L)  # +L: a vector may read past the last column (lanes that are dropped)
+    seg = (wq + 2 * L - 1) // L * L  # a phase of a staged row: whole vectors, room for one past the end
+    rowlen = sw * seg
     nrows = (rb - 1) * sh + eff_h
     units = n_ * c_ * groups
     flat_out = out.reshape(-1)
     for task in prange(tasks):
         u0, u1 = _split(task, tasks, units)
         stage = _aligned_zeros(nrows * rowlen + L, wts)
+        obuf = _aligned_zeros(rb * ow_ + L, wts)
         soff = np.empty(taps, np.int64)
         woff = np.empty(taps, np.int64)
         for kh in range(kh_):
             for kw in range(kw_):
                 off = kw * dw
-                soff[kh * kw_ + kw] = kh * dh * rowlen + (off % sw) * (wq + L) + off // sw
+                soff[kh * kw_ + kw] = kh * dh * rowlen + (off % sw) * seg + off // sw
                 woff[kh * kw_ + kw] = kh * kw_ + kw
         lov = vsplat(wts, lo)
         hiv = vsplat(wts, hi)
@@ -548,31 +605,36 @@ def _forward_nchw(x, wts, bias, has_bias, lo, hi, out, kh_, kw_, sh, sw, dh, dw,
             oh0 = g * rb
             if oh0 + rb > oh_:
                 oh0 = oh_ - rb  # last group overlaps the previous one
-            _stage_rows_nchw(stage, x[n, c], oh0 * sh - pt, nrows, rowlen, sw, wq, pl)
+            _stage_rows_nchw(stage, x[n, c], oh0 * sh - pt, nrows, seg, sw, pl)
+            pf, pf_end = _next_unit_nchw(x, unit + 1 < u1, unit + 1, groups, rb, sh, pt, nrows)
+            per = (pf_end - pf) // (64 // x.itemsize) // (m_ * ((ow_ + L - 1) // L)) + 1
             for q in range(m_):
                 j = c * m_ + q
                 wb = j * taps
                 bv = vsplat(wts, bias[j])
-                obase = ((n * cm + j) * oh_ + oh0) * ow_
+                # rows are computed into obuf (in cache), then copied out row by row in address order
                 ow = 0
                 while ow < ow_:
                     count = ow_ - ow
                     if count < L and ow_ >= L:
                         ow = ow_ - L  # last vector overlaps the previous one
                         count = L
-                    o = obase + ow
                     if rb == BLOCK:
                         r = _mac8(stage, ow, sh * rowlen, soff, wts, woff, wb, taps, True)
                         for b in range(BLOCK):
-                            _put(flat_out, o + b * ow_, _finish(r[b], bv, has_bias, lov, hiv), count)
+                            _put(obuf, b * ow_ + ow, _finish(r[b], bv, has_bias, lov, hiv), count)
+                        pf = _prefetch_some(x, pf, pf_end, per)
                     elif rb == 4:
                         r4 = _mac4(stage, ow, sh * rowlen, soff, wts, woff, wb, taps, True)
                         for b in range(4):
-                            _put(flat_out, o + b * ow_, _finish(r4[b], bv, has_bias, lov, hiv), count)
+                            _put(obuf, b * ow_ + ow, _finish(r4[b], bv, has_bias, lov, hiv), count)
                     else:
                         a = _mac1(stage, ow, soff, wts, woff, wb, taps, True)
-                        _put(flat_out, o, _finish(a, bv, has_bias, lov, hiv), count)
+                        _put(obuf, ow, _finish(a, bv, has_bias, lov, hiv), count)
                     ow += L
+                _copy_out(flat_out, ((n * cm + j) * oh_ + oh0) * ow_, obuf, 0, rb * ow_, stream)
+        if stream:
+            store_fence()
 
 
 # ---------------------------------------------------------------------------
@@ -580,7 +642,7 @@ def _forward_nchw(x, wts, bias, has_bias, lo, hi, out, kh_, kw_, sh, sw, dh, dw,
 # ---------------------------------------------------------------------------
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
-def _backprop_input_nhwc(dy, wts, dx, kh_, kw_, sh, sw, dh, dw, pt, pl, tasks, group):
+def _backprop_input_nhwc(dy, wts, dx, kh_, kw_, sh, sw, dh, dw, pt, pl, tasks, group, stream):
     """dy (N, OH, OW, C*M); wts (KH*KW*M*CP,) widened, [tap][q][channel padded to CP]; dx (N, H, W, C).
 
     Input columns are handled by stride phase (iw = r + sw * i): within a phase, consecutive
@@ -636,6 +698,14 @@ def _backprop_input_nhwc(dy, wts, dx, kh_, kw_, sh, sw, dh, dw, pt, pl, tasks, g
                         held[slot] = n * oh_ + oh
                         _stage_dy_row_nhwc(stage, dy, n, oh, c_, m_, g0, g1, slot * slotlen, cbstride, owp, padl)
                 xrow = (n * h_ + ih) * w_
+                # the dy row the next input row adds (its kh = 0 tap), prefetched during this row
+                pf = 0
+                pf_end = 0
+                u = ih + 1 + pt
+                if row + 1 < r1 and ih + 1 < h_ and u % sh == 0 and u // sh < oh_ and g1 - g0 == blocks:
+                    pf = (n * oh_ + u // sh) * ow_ * cm
+                    pf_end = pf + ow_ * cm
+                per = (pf_end - pf) // (64 // dy.itemsize) // (((w_ + BLOCK - 1) // BLOCK) * (g1 - g0)) + 1
                 for r in range(min(sw, w_)):
                     t = 0
                     for kh in range(kh_):
@@ -664,16 +734,19 @@ def _backprop_input_nhwc(dy, wts, dx, kh_, kw_, sh, sw, dh, dw, pt, pl, tasks, g
                                 o = (xrow + r + i * sw) * c_ + wb
                                 if t == 0:
                                     for b in range(BLOCK):
-                                        _put(dx, o + b * step, zero, count)
+                                        _emit(dx, o + b * step, zero, count, stream)
                                 else:
                                     res = _mac8(stage, sb + i * L, L, soff, wts, woff, wb, t, False)
                                     for b in range(BLOCK):
-                                        _put(dx, o + b * step, res[b], count)
+                                        _emit(dx, o + b * step, res[b], count, stream)
+                                pf = _prefetch_some(dy, pf, pf_end, per)
                                 i += BLOCK
                             else:
                                 a = _mac1(stage, sb + i * L, soff, wts, woff, wb, t, False)
                                 _put(dx, (xrow + r + i * sw) * c_ + wb, a, count)
                                 i += 1
+        if stream:
+            store_fence()
 
 
 @njit(cache=True, fastmath=FASTMATH)
@@ -683,27 +756,27 @@ def _stage_dy_row_nhwc(stage, dy, n, oh, c_, m_, g0, g1, dst0, cbstride, owp, pa
     ow_, cm = dy.shape[2], dy.shape[3]
     L = vlanes(stage)
     row = (n * dy.shape[1] + oh) * ow_
+    if m_ == 1:
+        full = min(g1, c_ // L)  # blocks without a channel tail
+        for ow in range(ow_):
+            src = (row + ow) * cm
+            dst = dst0 + (padl + ow) * L
+            for cb in range(g0, full):
+                vstore(stage, dst + (cb - g0) * cbstride, vload(dy, src + cb * L))
+            if full < g1:
+                vstore(stage, dst + (full - g0) * cbstride, vload_n(dy, src + full * L, c_ - full * L))
+        return
+    flat = dy.reshape(-1)
     for cb in range(g0, g1):
         dst = dst0 + (cb - g0) * cbstride + padl * L
-        if m_ == 1:
-            left = c_ - cb * L
-            src = row * cm + cb * L
-            if left >= L:
-                for ow in range(ow_):
-                    vstore(stage, dst + ow * L, vload(dy, src + ow * cm))
-            else:
-                for ow in range(ow_):
-                    vstore(stage, dst + ow * L, vload_n(dy, src + ow * cm, left))
-        else:
-            flat = dy.reshape(-1)
-            c0 = cb * L
-            c1 = min(c0 + L, c_)
-            for q in range(m_):
-                for ow in range(ow_):
-                    src = (row + ow) * cm + q
-                    base = dst + (q * owp + ow) * L - c0
-                    for c in range(c0, c1):
-                        stage[_index(base + c)] = widen(flat[_index(src + c * m_)])
+        c0 = cb * L
+        c1 = min(c0 + L, c_)
+        for q in range(m_):
+            for ow in range(ow_):
+                src = (row + ow) * cm + q
+                base = dst + (q * owp + ow) * L - c0
+                for c in range(c0, c1):
+                    stage[_index(base + c)] = widen(flat[_index(src + c * m_)])
 
 
 @njit(cache=True)
@@ -716,33 +789,33 @@ def _rows_per_block(rows):
 def _stage_dy_rows_nchw(stage, plane, oh0, nrows, dst0, rowlen, sw, padu):
     """Rows ``oh0 .. oh0 + nrows`` of one NCHW ``dy`` plane (OH, OW) into the stage, upsampled by
     the column stride: output column ``ow`` lands at ``ow * sw + padu``, every other position is
-    zero. Rows outside the plane are zero."""
+    zero. Rows outside the plane are zero. ``rowlen`` leaves room for whole vectors."""
     oh_, ow_ = plane.shape
     L = vlanes(stage)
     flat = plane.reshape(-1)
-    used = min(ow_, (rowlen - padu + sw - 1) // sw)  # columns past the stage feed no input column
+    zero = vzero(stage)
     for k in range(nrows):
         oh = oh0 + k
         d = dst0 + k * rowlen
         if oh < 0 or oh >= oh_:
             for i in range(0, rowlen, L):
-                _put(stage, d + i, vzero(stage), rowlen - i)
+                vstore(stage, d + i, zero)
             continue
         src = oh * ow_
-        if sw == 1:
-            col = 0
-            while col + L <= used:
-                vstore(stage, d + padu + col, vload(flat, src + col))
-                col += L
-            if col < used:
-                vstore_n(stage, d + padu + col, vload_n(flat, src + col, used - col), used - col)
-        else:
-            for ow in range(used):
-                stage[_index(d + padu + ow * sw)] = widen(flat[_index(src + ow)])
+        for ow in range(0, ow_, L):
+            v = vload(flat, src + ow) if ow + L <= ow_ else vload_n(flat, src + ow, ow_ - ow)
+            if sw == 1:
+                vstore(stage, d + padu + ow, v)
+            elif sw == 2:
+                vstore(stage, d + padu + 2 * ow, vzip_lo(v, zero))
+                vstore(stage, d + padu + 2 * ow + L, vzip_hi(v, zero))
+            else:
+                for i in range(min(L, ow_ - ow)):
+                    stage[_index(d + padu + (ow + i) * sw)] = widen(flat[_index(src + ow + i)])
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
-def _backprop_input_nchw(dy, wts, dx, kh_, kw_, sh, sw, dh, dw, pt, pl, tasks):
+def _backprop_input_nchw(dy, wts, dx, kh_, kw_, sh, sw, dh, dw, pt, pl, tasks, stream):
     """dy (N, C*M, OH, OW); wts (C*M*KH*KW,) widened, plane-major; dx (N, C, H, W).
 
     Vectors run along the input width over ``dy`` rows upsampled by the column stride (zeros
@@ -755,7 +828,8 @@ def _backprop_input_nchw(dy, wts, dx, kh_, kw_, sh, sw, dh, dw, pt, pl, tasks):
     taps = kh_ * kw_
     L = vlanes(wts)
     padu = max(0, (kw_ - 1) * dw - pl)
-    rowlen = max(w_, L) + pl + padu + L
+    # staged dy row: upsampled columns from padu on, whole vectors, room for reads past the end
+    rowlen = (max(max(w_, L) + pl + L, sw * ((ow_ + L - 1) // L) * L) + padu + L - 1) // L * L
     phases = min(sh, h_)
     per_plane = 0
     for r in range(phases):
@@ -768,6 +842,7 @@ def _backprop_input_nchw(dy, wts, dx, kh_, kw_, sh, sw, dh, dw, pt, pl, tasks):
     for task in prange(tasks):
         u0, u1 = _split(task, tasks, units)
         stage = _aligned_zeros(m_ * maxrows * rowlen + L, wts)
+        obuf = _aligned_zeros(BLOCK * w_ + L, wts)
         soff = np.empty(taps * m_, np.int64)
         woff = np.empty(taps * m_, np.int64)
         zero = vzero(wts)
@@ -822,18 +897,21 @@ def _backprop_input_nchw(dy, wts, dx, kh_, kw_, sh, sw, dh, dw, pt, pl, tasks):
                 if count < L and w_ >= L:
                     iw = w_ - L
                     count = L
-                o = obase + iw
                 if rb == BLOCK:
                     res = _mac8(stage, iw, rowlen, soff, wts, woff, wb, t, True)
                     for b in range(BLOCK):
-                        _put(flat_dx, o + b * ostep, res[b], count)
+                        _put(obuf, b * w_ + iw, res[b], count)
                 elif rb == 4:
                     r4 = _mac4(stage, iw, rowlen, soff, wts, woff, wb, t, True)
                     for b in range(4):
-                        _put(flat_dx, o + b * ostep, r4[b], count)
+                        _put(obuf, b * w_ + iw, r4[b], count)
                 else:
-                    _put(flat_dx, o, _mac1(stage, iw, soff, wts, woff, wb, t, True), count)
+                    _put(obuf, iw, _mac1(stage, iw, soff, wts, woff, wb, t, True), count)
                 iw += L
+            for b in range(rb):
+                _copy_out(flat_dx, obase + b * ostep, obuf, b * w_, w_, stream)
+        if stream:
+            store_fence()
 
 
 tap_range = njit(cache=True)(spec.tap_range)
@@ -956,12 +1034,16 @@ def _backprop_filter_nhwc(x, dy, partial, kh_, kw_, sh, sw, dh, dw, pt, pl, budg
                         off = kw * dw
                         soff[kh * kw_ + kw] = slot * slotlen + ((off % sw) * wq + off // sw) * L
                 drow = (n * oh_ + oh) * ow_
+                pf, pf_end = _next_rows_nhwc(x, n, oh, oh_, sh, pt, (kh_ - 1) * dh, min(sh, eff_h),
+                                             row + 1 < r1 and g1 - g0 == blocks)
+                per = (pf_end - pf) // (64 // x.itemsize) // (ow_ // BLOCK * (g1 - g0) + 1) + 1
                 for cb in range(g0, g1):
                     sb = (cb - g0) * cbstride
                     wb = cb * L
                     count = cm - wb
                     ow = 0
                     while ow + BLOCK <= ow_:
+                        pf = _prefetch_some(x, pf, pf_end, per)
                         d = (drow + ow) * cm + wb
                         if count >= L:
                             _grad8(stage, sb + ow * L, L, soff, taps, acc, wb, cp,
@@ -996,7 +1078,8 @@ def _backprop_filter_nchw(x, dy, partial, kh_, kw_, sh, sw, dh, dw, pt, pl):
     groups = (oh_ + BLOCK - 1) // BLOCK
     eff_h = (kh_ - 1) * dh + 1
     wq = ((ow_ - 1) * sw + (kw_ - 1) * dw + 1 + sw - 1) // sw
-    rowlen = sw * (wq + L)
+    seg = (wq + 2 * L - 1) // L * L  # a phase of a staged row: whole vectors, room for one past the end
+    rowlen = sw * seg
     nrows = (BLOCK - 1) * sh + eff_h
     units = n_ * c_ * groups
     flat_dy = dy.reshape(-1)
@@ -1008,7 +1091,7 @@ def _backprop_filter_nchw(x, dy, partial, kh_, kw_, sh, sw, dh, dw, pt, pl):
         for kh in range(kh_):
             for kw in range(kw_):
                 off = kw * dw
-                soff[kh * kw_ + kw] = kh * dh * rowlen + (off % sw) * (wq + L) + off // sw
+                soff[kh * kw_ + kw] = kh * dh * rowlen + (off % sw) * seg + off // sw
         for unit in range(u0, u1):
             plane = unit // groups
             g = unit - plane * groups
@@ -1016,7 +1099,7 @@ def _backprop_filter_nchw(x, dy, partial, kh_, kw_, sh, sw, dh, dw, pt, pl):
             c = plane - n * c_
             oh0 = g * BLOCK
             nr = min(BLOCK, oh_ - oh0)
-            _stage_rows_nchw(stage, x[n, c], oh0 * sh - pt, (nr - 1) * sh + eff_h, rowlen, sw, wq, pl)
+            _stage_rows_nchw(stage, x[n, c], oh0 * sh - pt, (nr - 1) * sh + eff_h, seg, sw, pl)
             for q in range(m_):
                 j = c * m_ + q
                 accv[:] = 0
@@ -1079,8 +1162,10 @@ def _empty_aligned(shape, dtype):
 
 
 def _stream(result):
-    """Whether a kernel should write ``result`` with non-temporal stores (large and 64-byte aligned)."""
-    return result.nbytes >= STREAM_BYTES and result.ctypes.data % 64 == 0
+    """Whether an NHWC kernel should write ``result`` with non-temporal stores: large, 64-byte
+    aligned, and 32- or 64-bit data (a 16-bit vector is half a cache line whose other half is
+    written much later, and streaming it measured slower)."""
+    return result.nbytes >= STREAM_BYTES and result.ctypes.data % 64 == 0 and result.itemsize >= 4
 
 
 def _tasks(units):
@@ -1136,7 +1221,7 @@ def forward(x, f, geom, out=None, bias=None, activation="linear"):
             rows = 8 if geom.out_height >= 8 else (4 if geom.out_height >= 4 else 1)
             units = geom.batch * geom.channels * -(-geom.out_height // rows)
             _forward_nchw(xs, np.ascontiguousarray(filt.T).ravel(), b, bias is not None, lo, hi, ys, *geo,
-                          _tasks(units))
+                          _tasks(units), False)  # measured: streaming NCHW rows did not pay
     return _deliver(result, out)
 
 
@@ -1171,10 +1256,11 @@ def backprop_input(f, dy, geom, out=None):
             wts[:, :, :c] = filt.reshape(kh * kw, c, m).transpose(0, 2, 1)
             budget = STAGE_BYTES // np.dtype(acc).itemsize
             _backprop_input_nhwc(ys, wts.ravel(), xs, kh, kw, *geo, _tasks(geom.batch * geom.in_height),
-                                 _bpi_group(geom, cp, lanes, budget))
+                                 _bpi_group(geom, cp, lanes, budget), _stream(xs))
         else:
             wts = np.ascontiguousarray(filt.reshape(kh * kw, c * m).T).ravel()
-            _backprop_input_nchw(ys, wts, xs, kh, kw, *geo, _tasks(geom.batch * geom.channels * geom.in_height))
+            _backprop_input_nchw(ys, wts, xs, kh, kw, *geo, _tasks(geom.batch * geom.channels * geom.in_height),
+                                 False)  # measured: streaming NCHW rows did not pay
     return _deliver(result, out)
 
 

@@ -367,3 +367,55 @@ def store_fence(typingctx):
         return context.get_dummy_value()
 
     return types.none(), codegen
+
+
+@intrinsic
+def vload_lanes(typingctx, arr, offset, first, stop):
+    """Like :func:`vload` for lanes ``first <= lane < stop`` only: the other lanes are zero and
+    their memory is not touched (so ``offset`` may point before the array as long as those lanes
+    are masked off)."""
+    ints = (offset, first, stop)
+    if not _is_array(arr) or not all(isinstance(v, types.Integer) for v in ints):
+        return None
+    vt = vector_type(arr.dtype)
+
+    def codegen(context, builder, sig, args):
+        ary = context.make_array(sig.args[0])(context, builder, args[0])
+        element = context.get_data_type(arr.dtype)
+        vty = ir.VectorType(element, vt.lanes)
+        # no inbounds: the base may lie before the buffer for masked-off lanes
+        ptr = builder.bitcast(builder.gep(ary.data, [args[1]]), ir.PointerType(vty))
+        lo = _lane_mask(builder, context.cast(builder, args[2], sig.args[2], types.int64), vt.lanes)
+        hi = _lane_mask(builder, context.cast(builder, args[3], sig.args[3], types.int64), vt.lanes)
+        mask = builder.and_(hi, builder.not_(lo))
+        fn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(vty, [ptr.type, _I32, ir.VectorType(ir.IntType(1), vt.lanes), vty]),
+            f"llvm.masked.load.v{vt.lanes}{_suffix(element)}.p0")
+        raw = builder.call(fn, [ptr, ir.Constant(_I32, _align(arr)), mask, cgutils.get_null_value(vty)])
+        return _widen(builder, raw, arr.dtype)
+
+    return vt(arr, offset, first, stop), codegen
+
+
+def _shuffle(name, pick):
+    """An intrinsic ``name(a, b)`` returning lanes ``pick(lanes)`` of the concatenation a ++ b."""
+    def typer(typingctx, a, b):
+        if not isinstance(a, Vector) or a != b:
+            return None
+
+        def codegen(context, builder, sig, args):
+            idx = pick(a.lanes)
+            return builder.shuffle_vector(args[0], args[1], ir.Constant(ir.VectorType(_I32, len(idx)), idx))
+
+        return a(a, b), codegen
+
+    typer.__name__ = name
+    return intrinsic(typer)
+
+
+#: Even / odd lanes of a ++ b (de-interleave a stride-2 sequence).
+veven = _shuffle("veven", lambda n: list(range(0, 2 * n, 2)))
+vodd = _shuffle("vodd", lambda n: list(range(1, 2 * n, 2)))
+#: Lanes of a and b interleaved, lower / upper half: a0 b0 a1 b1 ...
+vzip_lo = _shuffle("vzip_lo", lambda n: [i // 2 + (i % 2) * n for i in range(n)])
+vzip_hi = _shuffle("vzip_hi", lambda n: [n // 2 + i // 2 + (i % 2) * n for i in range(n)])
