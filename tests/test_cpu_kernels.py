@@ -1,0 +1,271 @@
+"""The CPU kernels' internal paths against the float64 reference (tests/naive.py).
+
+The public-op suites sweep the options; this module makes sure every path inside
+nbdw/cpu.py is taken: the NHWC pixel blocks (8 with an overlapping last block, 4, single
+pixels), channel tails (masked vectors), several channel groups per stage (forced by a small
+STAGE_BYTES), non-temporal stores (forced by STREAM_BYTES = 0), the NCHW row blocks (8, 4, 1),
+stride-phase staging (vector paths for strides 1 and 2, scalar for 3), the multiplier's
+scalar staging, the exact backprop-input kernel for non-finite filters, float64's 8-lane
+vectors, zero sizes, and the fused bias/clamp epilogue. The kernels use no per-filter-size
+specialisation: every filter size runs the same compiled code.
+"""
+
+import ml_dtypes
+import numba
+import numpy as np
+import pytest
+
+import naive
+import nbdw
+import nbdw.cpu as cpu
+
+DTYPES = [np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16), np.dtype(np.float32), np.dtype(np.float64)]
+OPS = ["forward", "backprop_input", "backprop_filter"]
+
+
+def _config(rng, fmt, small=False):
+    """A random valid configuration; sizes span the kernels' block and tail cases."""
+    n = int(rng.integers(0 if small else 1, 3))
+    h, w = (int(v) for v in rng.integers(1, 12 if small else 30, 2))
+    c = int(rng.choice([1, 2, 3, 5, 16, 17, 33]))
+    m = int(rng.integers(1, 4))
+    kh, kw = (int(v) for v in rng.integers(1, 8, 2))
+    sh, sw = (int(v) for v in rng.integers(1, 4, 2))
+    dh, dw = (int(v) for v in rng.integers(1, 4, 2))
+    kind = ["SAME", "VALID", "EXPLICIT"][rng.integers(3)]
+    pads = [[int(a) for a in rng.integers(0, 4, 2)] for _ in range(2)]
+    eff_h, eff_w = (kh - 1) * dh + 1, (kw - 1) * dw + 1
+    if kind == "VALID":
+        h, w = max(h, eff_h), max(w, eff_w)
+    if kind == "EXPLICIT":
+        h, w = max(h, eff_h - sum(pads[0])), max(w, eff_w - sum(pads[1]))
+    return _make(fmt, (n, h, w, c), (kh, kw, c, m), (sh, sw), (dh, dw), kind, pads)
+
+
+def _make(fmt, nhwc, filter_shape, strides, dilations, kind="SAME", pads=((0, 0), (0, 0))):
+    n, h, w, c = nhwc
+    (sh, sw), (dh, dw) = strides, dilations
+    if fmt == "NHWC":
+        shape, s4, d4 = (n, h, w, c), [1, sh, sw, 1], [1, dh, dw, 1]
+        padding = kind if kind != "EXPLICIT" else [[0, 0], list(pads[0]), list(pads[1]), [0, 0]]
+    else:
+        shape, s4, d4 = (n, c, h, w), [1, 1, sh, sw], [1, 1, dh, dw]
+        padding = kind if kind != "EXPLICIT" else [[0, 0], [0, 0], list(pads[0]), list(pads[1])]
+    return dict(shape=shape, filter_shape=tuple(filter_shape), args=(s4, padding, fmt, d4))
+
+
+def _check(op, cfg, dtype, rng, bias=None, activation="linear"):
+    """Run ``op`` on random data for ``cfg`` and compare with the reference within the dtype's bound."""
+    shape, fshape, args = cfg["shape"], cfg["filter_shape"], cfg["args"]
+    kh, kw, c, m = fshape
+    x = rng.standard_normal(shape).astype(dtype)
+    f = rng.standard_normal(fshape).astype(dtype)
+    x64, f64 = x.astype(np.float64), f.astype(np.float64)
+    y_ref = naive.tf_forward(x64, f64, *args)
+    what = f"{op} {dtype.name} {shape} {fshape} {args}"
+    if op == "forward":
+        y = nbdw.depthwise_conv2d_bias_activation(x, f, bias, *args, activation=activation)
+        ref, abs_terms = y_ref, naive.tf_forward(np.abs(x64), np.abs(f64), *args)
+        if bias is not None:
+            b = np.asarray(bias, np.float64)
+            b = b if args[2] == "NHWC" else b[:, None, None]
+            ref, abs_terms = ref + b, abs_terms + np.abs(b)
+        lo, hi = {"linear": (-np.inf, np.inf), "relu": (0, np.inf), "relu6": (0, 6)}[activation]
+        ref = np.clip(ref, lo, hi)
+        naive.assert_close(y, ref, abs_terms, dtype, terms=kh * kw + 1, what=what)
+        return
+    dy = rng.standard_normal(y_ref.shape).astype(dtype)
+    dy64 = dy.astype(np.float64)
+    if op == "backprop_input":
+        got = nbdw.depthwise_conv2d_native_backprop_input(shape, f, dy, *args)
+        ref = naive.tf_backprop_input(shape, f64, dy64, *args)
+        abs_terms = naive.tf_backprop_input(shape, np.abs(f64), np.abs(dy64), *args)
+        naive.assert_close(got, ref, abs_terms, dtype, terms=kh * kw * m, what=what)
+    else:
+        got = nbdw.depthwise_conv2d_native_backprop_filter(x, fshape, dy, *args)
+        ref = naive.tf_backprop_filter(x64, fshape, dy64, *args)
+        abs_terms = naive.tf_backprop_filter(np.abs(x64), fshape, np.abs(dy64), *args)
+        naive.assert_close(got, ref, abs_terms, dtype, terms=y_ref.size // (c * m) + 1, what=what)
+
+
+# --------------------------------------------------------------------------- random sweeps
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.name)
+@pytest.mark.parametrize("fmt", ["NHWC", "NCHW"])
+@pytest.mark.parametrize("op", OPS)
+def test_random_configurations(op, fmt, dtype):
+    rng = np.random.default_rng([OPS.index(op), fmt == "NCHW", DTYPES.index(dtype)])
+    for _ in range(30):
+        _check(op, _config(rng, fmt, small=True), dtype, rng)
+    for _ in range(6):
+        _check(op, _config(rng, fmt), dtype, rng)
+
+
+# Shapes chosen to take each block path: widths and heights of 1-3, 4-7 and >= 8 output
+# columns/rows with a tail, channel counts below, at and above one vector with a tail.
+PATH_CASES = [
+    ((1, 1, 1, 1), (1, 1, 1, 1), (1, 1), (1, 1)),
+    ((2, 3, 2, 5), (3, 3, 5, 1), (1, 1), (1, 1)),
+    ((1, 6, 6, 17), (3, 3, 17, 1), (1, 1), (1, 1)),
+    ((1, 9, 13, 16), (3, 3, 16, 2), (1, 1), (1, 1)),
+    ((1, 19, 21, 33), (5, 5, 33, 1), (1, 1), (1, 1)),
+    ((2, 20, 40, 8), (3, 3, 8, 1), (2, 2), (1, 1)),
+    ((1, 17, 35, 3), (3, 5, 3, 2), (3, 3), (1, 2)),
+    ((1, 24, 18, 9), (7, 7, 9, 1), (1, 1), (2, 1)),
+    ((1, 40, 3, 20), (2, 1, 20, 3), (2, 1), (3, 1)),
+]
+
+
+@pytest.mark.parametrize("fmt", ["NHWC", "NCHW"])
+@pytest.mark.parametrize("op", OPS)
+def test_block_and_tail_paths(op, fmt):
+    rng = np.random.default_rng(1)
+    for nhwc, fshape, strides, dilations in PATH_CASES:
+        fits = all((k - 1) * d + 1 <= size for k, d, size in zip(fshape[:2], dilations, nhwc[1:3]))
+        for kind in ("SAME", "VALID") if fits else ("SAME",):
+            _check(op, _make(fmt, nhwc, fshape, strides, dilations, kind), np.dtype(np.float32), rng)
+
+
+@pytest.mark.parametrize("fmt", ["NHWC", "NCHW"])
+@pytest.mark.parametrize("op", OPS)
+def test_channel_groups_and_streaming_stores(op, fmt, monkeypatch):
+    """A stage budget of one channel block per group, and non-temporal stores for every size."""
+    monkeypatch.setattr(cpu, "STAGE_BYTES", 1)
+    monkeypatch.setattr(cpu, "STREAM_BYTES", 0)
+    rng = np.random.default_rng(2)
+    for dtype in (np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.float16)):
+        for nhwc, fshape, strides, dilations in PATH_CASES[2:]:
+            _check(op, _make(fmt, nhwc, fshape, strides, dilations), dtype, rng)
+
+
+@pytest.mark.parametrize("fmt", ["NHWC", "NCHW"])
+@pytest.mark.parametrize("activation", ["linear", "relu", "relu6"])
+def test_fused_epilogue(fmt, activation):
+    rng = np.random.default_rng(3)
+    for dtype in DTYPES:
+        for _ in range(4):
+            cfg = _config(rng, fmt, small=True)
+            kh, kw, c, m = cfg["filter_shape"]
+            bias = (3 * rng.standard_normal(c * m)).astype(dtype)
+            _check("forward", cfg, dtype, rng, bias=bias, activation=activation)
+
+
+# --------------------------------------------------------------------------- special values
+
+@pytest.mark.parametrize("fmt", ["NHWC", "NCHW"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_filter_takes_the_exact_backprop_input(fmt, bad):
+    """Padding zeros times NaN/Inf would be NaN; the reference never multiplies them."""
+    rng = np.random.default_rng(4)
+    for strides in ((1, 1), (2, 2), (3, 1)):
+        cfg = _make(fmt, (1, 9, 11, 3), (3, 3, 3, 2), strides, (1, 1), "SAME")
+        f = rng.standard_normal(cfg["filter_shape"])
+        f[0, 2, 1, 1] = bad
+        s4, padding, fmt_, d4 = cfg["args"]
+        out_shape = nbdw.spec.forward_geometry(cfg["shape"], f.shape, s4, padding, fmt_, d4).output_shape
+        dy = rng.standard_normal(out_shape)
+        ref = naive.tf_backprop_input(cfg["shape"], f, dy, *cfg["args"])
+        for dtype in (np.float32, np.float16):
+            got = nbdw.depthwise_conv2d_native_backprop_input(
+                cfg["shape"], f.astype(dtype), dy.astype(dtype), *cfg["args"]).astype(np.float64)
+            np.testing.assert_array_equal(np.isnan(got), np.isnan(ref))
+            np.testing.assert_array_equal(np.isinf(got), np.isinf(ref))
+            assert np.isfinite(ref).any() and not np.isfinite(ref).all()
+
+
+@pytest.mark.parametrize("fmt", ["NHWC", "NCHW"])
+@pytest.mark.parametrize("op", OPS)
+def test_nan_in_data_propagates_like_the_reference(op, fmt):
+    rng = np.random.default_rng(5)
+    cfg = _make(fmt, (2, 13, 12, 18), (3, 3, 18, 2), (1, 2), (2, 1), "SAME")
+    x = rng.standard_normal(cfg["shape"])
+    f = rng.standard_normal(cfg["filter_shape"])
+    y = naive.tf_forward(x, f, *cfg["args"])
+    dy = rng.standard_normal(y.shape)
+    index = (1, 4, 5, 7) if fmt == "NHWC" else (1, 7, 4, 5)
+    if op == "forward":
+        x[index] = np.nan
+        ref = naive.tf_forward(x, f, *cfg["args"])
+        got = nbdw.depthwise_conv2d_native(x.astype(np.float32), f.astype(np.float32), *cfg["args"])
+    elif op == "backprop_input":
+        dy[index] = np.nan
+        ref = naive.tf_backprop_input(cfg["shape"], f, dy, *cfg["args"])
+        got = nbdw.depthwise_conv2d_native_backprop_input(cfg["shape"], f.astype(np.float32), dy.astype(np.float32),
+                                                          *cfg["args"])
+    else:
+        x[index] = np.nan
+        ref = naive.tf_backprop_filter(x, cfg["filter_shape"], dy, *cfg["args"])
+        got = nbdw.depthwise_conv2d_native_backprop_filter(x.astype(np.float32), cfg["filter_shape"],
+                                                           dy.astype(np.float32), *cfg["args"])
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(ref))
+    assert np.isnan(ref).any() and not np.isnan(ref).all()
+
+
+def test_zero_sizes():
+    for fmt in ("NHWC", "NCHW"):
+        for nhwc in ((0, 5, 5, 3), (2, 0, 5, 3), (1, 4, 0, 3)):
+            cfg = _make(fmt, nhwc, (3, 3, 3, 2), (1, 1), (1, 1), "SAME")
+            x = np.zeros(cfg["shape"], np.float32)
+            f = np.ones(cfg["filter_shape"], np.float32)
+            y = nbdw.depthwise_conv2d_native(x, f, *cfg["args"])
+            assert y.shape == naive.tf_forward(x, f, *cfg["args"]).shape
+            dx = nbdw.depthwise_conv2d_native_backprop_input(cfg["shape"], f, y, *cfg["args"])
+            assert dx.shape == x.shape and not dx.any()
+            df = nbdw.depthwise_conv2d_native_backprop_filter(x, f.shape, y, *cfg["args"])
+            assert df.shape == f.shape and not df.any()
+    # an empty input with explicit padding still has padding-only outputs: bias, nothing else
+    x = np.zeros((1, 0, 4, 2), np.float32)
+    padding = [[0, 0], [2, 2], [0, 0], [0, 0]]
+    y = nbdw.depthwise_conv2d_bias_activation(x, np.ones((3, 1, 2, 1), np.float32), np.array([1., -2.], np.float32),
+                                              [1, 1, 1, 1], padding)
+    np.testing.assert_array_equal(y, np.broadcast_to(np.array([1., -2.], np.float32), (1, 2, 4, 2)))
+
+
+# --------------------------------------------------------------------------- threads and determinism
+
+@pytest.mark.parametrize("fmt", ["NHWC", "NCHW"])
+def test_backprop_filter_bitwise_repeatable_at_batch_one(fmt):
+    """Per-task partial sums over a balanced split, reduced in task order: the same bits every
+    run for a thread count, and every thread count within the float32 accumulation bound."""
+    rng = np.random.default_rng(6)
+    cfg = _make(fmt, (1, 37, 29, 20), (5, 3, 20, 2), (1, 2), (2, 1), "SAME")
+    x = rng.standard_normal(cfg["shape"]).astype(np.float32)
+    dy = rng.standard_normal(naive.tf_forward(x.astype(np.float64), np.ones(cfg["filter_shape"]),
+                                              *cfg["args"]).shape).astype(np.float32)
+    before = numba.get_num_threads()
+    results = {}
+    try:
+        for threads in sorted({1, 2, numba.config.NUMBA_NUM_THREADS}):
+            numba.set_num_threads(threads)
+            first = nbdw.depthwise_conv2d_native_backprop_filter(x, cfg["filter_shape"], dy, *cfg["args"])
+            for _ in range(3):
+                again = nbdw.depthwise_conv2d_native_backprop_filter(x, cfg["filter_shape"], dy, *cfg["args"])
+                np.testing.assert_array_equal(again.view(np.uint32), first.view(np.uint32))
+            results[threads] = first
+    finally:
+        numba.set_num_threads(before)
+    ref = naive.tf_backprop_filter(x.astype(np.float64), cfg["filter_shape"], dy.astype(np.float64), *cfg["args"])
+    abs_terms = naive.tf_backprop_filter(np.abs(x.astype(np.float64)), cfg["filter_shape"],
+                                         np.abs(dy.astype(np.float64)), *cfg["args"])
+    for threads, df in results.items():
+        naive.assert_close(df, ref, abs_terms, np.float32, terms=37 * 15, what=f"{threads} threads")
+
+
+@pytest.mark.parametrize("fmt", ["NHWC", "NCHW"])
+def test_forward_and_backprop_input_do_not_depend_on_the_split(fmt):
+    """Each output element is computed whole by one task, so the thread count changes no bit."""
+    rng = np.random.default_rng(7)
+    cfg = _make(fmt, (1, 23, 31, 19), (3, 3, 19, 2), (2, 1), (1, 2), "SAME")
+    x = rng.standard_normal(cfg["shape"]).astype(np.float32)
+    f = rng.standard_normal(cfg["filter_shape"]).astype(np.float32)
+    before = numba.get_num_threads()
+    try:
+        out = []
+        for threads in sorted({1, numba.config.NUMBA_NUM_THREADS}):
+            numba.set_num_threads(threads)
+            y = nbdw.depthwise_conv2d_native(x, f, *cfg["args"])
+            out.append((y, nbdw.depthwise_conv2d_native_backprop_input(cfg["shape"], f, y, *cfg["args"])))
+    finally:
+        numba.set_num_threads(before)
+    for a, b in zip(out[0], out[-1]):
+        np.testing.assert_array_equal(a, b)
