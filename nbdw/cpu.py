@@ -45,7 +45,8 @@ from numba.extending import intrinsic, overload
 
 from . import spec
 from .simd import (prefetch, store_fence, vadd, vbroadcast, vclamp, veven, vfma, vlanes, vload, vload_lanes, vload_n,
-                   vodd, vsplat, vstore, vstore_n, vstream, vsum, vzero, vzip_hi, vzip_lo)
+                   vodd, vrepeat2, vrepeat4, vrepeat8, vsplat, vstore, vstore_n, vstream, vsum, vzero, vzip_hi,
+                   vzip_lo)
 
 # Like fastmath=True but keeping NaN and Inf semantics (no nnan/ninf), so NaNs propagate.
 FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
@@ -401,6 +402,22 @@ def _stage_row_nhwc(stage, x, n, ih, m_, g0, g1, dst0, cbstride, sw, wq, pl):
                     vstore(stage, dst + (cb - g0) * cbstride, vload(x, src + cb * L))
                 if full < g1:
                     vstore(stage, dst + (full - g0) * cbstride, vload_n(x, src + full * L, c_ - full * L))
+        elif m_ == 2 or m_ == 4 or m_ == 8:
+            # block cb holds input channels cb * L / m_ .. (cb + 1) * L / m_, each repeated m_ times
+            per = L // m_
+            for col in range(hi - lo):
+                src = (row + first + col * sw) * c_
+                dst = dst0 + (ph * wq + lo + col) * L
+                for cb in range(g0, g1):
+                    c0 = cb * per
+                    v = vload_n(x, src + c0, min(per, c_ - c0))
+                    if m_ == 2:
+                        v = vrepeat2(v)
+                    elif m_ == 4:
+                        v = vrepeat4(v)
+                    else:
+                        v = vrepeat8(v)
+                    vstore(stage, dst + (cb - g0) * cbstride, v)
         else:
             flat = x.reshape(-1)
             for cb in range(g0, g1):
@@ -750,6 +767,16 @@ def _backprop_input_nhwc(dy, wts, dx, kh_, kw_, sh, sw, dh, dw, pt, pl, tasks, g
 
 
 @njit(cache=True, fastmath=FASTMATH)
+def _load_count(arr, offset, count):
+    """The first ``count`` (clipped to 0..L) elements of ``arr`` at ``offset``; the rest zero."""
+    if count >= vlanes(arr):
+        return vload(arr, offset)
+    if count <= 0:
+        return vzero(arr)
+    return vload_n(arr, offset, count)
+
+
+@njit(cache=True, fastmath=FASTMATH)
 def _stage_dy_row_nhwc(stage, dy, n, oh, c_, m_, g0, g1, dst0, cbstride, owp, padl):
     """Row ``(n, oh)`` of NHWC ``dy`` into the stage, laid out per input-channel block as
     ``[q][column + padl][lane = c]`` (channel ``j = c * m_ + q`` of ``dy``)."""
@@ -765,6 +792,28 @@ def _stage_dy_row_nhwc(stage, dy, n, oh, c_, m_, g0, g1, dst0, cbstride, owp, pa
                 vstore(stage, dst + (cb - g0) * cbstride, vload(dy, src + cb * L))
             if full < g1:
                 vstore(stage, dst + (full - g0) * cbstride, vload_n(dy, src + full * L, c_ - full * L))
+        return
+    if m_ == 2 or m_ == 4:
+        # channels j = c * m_ + q of a block are m_ * L consecutive values: split them by q
+        for ow in range(ow_):
+            src = (row + ow) * cm
+            dst = dst0 + (padl + ow) * L
+            for cb in range(g0, g1):
+                j0 = cb * L * m_
+                d = dst + (cb - g0) * cbstride
+                a = _load_count(dy, src + j0, cm - j0)
+                b = _load_count(dy, src + j0 + L, cm - j0 - L)
+                if m_ == 2:
+                    vstore(stage, d, veven(a, b))
+                    vstore(stage, d + owp * L, vodd(a, b))
+                else:
+                    e = _load_count(dy, src + j0 + 2 * L, cm - j0 - 2 * L)
+                    f = _load_count(dy, src + j0 + 3 * L, cm - j0 - 3 * L)
+                    lo_ev, lo_od, hi_ev, hi_od = veven(a, b), vodd(a, b), veven(e, f), vodd(e, f)
+                    vstore(stage, d, veven(lo_ev, hi_ev))
+                    vstore(stage, d + owp * L, veven(lo_od, hi_od))
+                    vstore(stage, d + 2 * owp * L, vodd(lo_ev, hi_ev))
+                    vstore(stage, d + 3 * owp * L, vodd(lo_od, hi_od))
         return
     flat = dy.reshape(-1)
     for cb in range(g0, g1):

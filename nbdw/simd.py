@@ -419,3 +419,24 @@ vodd = _shuffle("vodd", lambda n: list(range(1, 2 * n, 2)))
 #: Lanes of a and b interleaved, lower / upper half: a0 b0 a1 b1 ...
 vzip_lo = _shuffle("vzip_lo", lambda n: [i // 2 + (i % 2) * n for i in range(n)])
 vzip_hi = _shuffle("vzip_hi", lambda n: [n // 2 + i // 2 + (i % 2) * n for i in range(n)])
+
+
+def _repeat(name, times):
+    """An intrinsic ``name(v)``: the first lanes/times lanes of v, each repeated ``times`` times."""
+    def typer(typingctx, v):
+        if not isinstance(v, Vector):
+            return None
+
+        def codegen(context, builder, sig, args):
+            idx = [i // times for i in range(v.lanes)]
+            return builder.shuffle_vector(args[0], args[0], ir.Constant(ir.VectorType(_I32, v.lanes), idx))
+
+        return v(v), codegen
+
+    typer.__name__ = name
+    return intrinsic(typer)
+
+
+vrepeat2 = _repeat("vrepeat2", 2)
+vrepeat4 = _repeat("vrepeat4", 4)
+vrepeat8 = _repeat("vrepeat8", 8)

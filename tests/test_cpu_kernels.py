@@ -5,7 +5,7 @@ nbdw/cpu.py is taken: the NHWC pixel blocks (8 with an overlapping last block, 4
 pixels), channel tails (masked vectors), several channel groups per stage (forced by a small
 STAGE_BYTES), non-temporal stores (forced by STREAM_BYTES = 0), the NCHW row blocks (8, 4, 1),
 stride-phase staging (vector paths for strides 1 and 2, scalar for 3), the multiplier's
-scalar staging, the exact backprop-input kernel for non-finite filters, float64's 8-lane
+staging (lane shuffles for 2, 4 and 8, scalar otherwise), the exact backprop-input kernel for non-finite filters, float64's 8-lane
 vectors, zero sizes, and the fused bias/clamp epilogue. The kernels use no per-filter-size
 specialisation: every filter size runs the same compiled code.
 """
@@ -113,6 +113,9 @@ PATH_CASES = [
     ((1, 17, 35, 3), (3, 5, 3, 2), (3, 3), (1, 2)),
     ((1, 24, 18, 9), (7, 7, 9, 1), (1, 1), (2, 1)),
     ((1, 40, 3, 20), (2, 1, 20, 3), (2, 1), (3, 1)),
+    ((2, 7, 11, 5), (3, 3, 5, 4), (1, 2), (1, 1)),  # multipliers staged by lane shuffles
+    ((1, 6, 9, 3), (2, 3, 3, 8), (1, 1), (1, 1)),
+    ((1, 5, 8, 2), (3, 2, 2, 16), (2, 1), (1, 1)),
 ]
 
 
