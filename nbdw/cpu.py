@@ -221,6 +221,74 @@ def _mac8(src, p0, bs, soff, wts, woff, wb, ntaps, bcast):
 
 
 @njit(cache=True, fastmath=FASTMATH)
+def _slide8(src, p0, bs, runs, nruns, wts, wb):
+    """:func:`_mac8` over runs of taps whose inputs lie one vector (``bs``) apart: the eight
+    input vectors slide along a run, so each further tap of the run costs one load instead of
+    eight (stride-1 rows: the taps of a filter row). ``runs[r]`` = (stage offset, weight offset,
+    weight step, length)."""
+    a0 = vzero(src)
+    a1 = a0
+    a2 = a0
+    a3 = a0
+    a4 = a0
+    a5 = a0
+    a6 = a0
+    a7 = a0
+    for r in range(nruns):
+        p = p0 + runs[r, 0]
+        w = runs[r, 1] + wb
+        x0 = vload(src, p)
+        x1 = vload(src, p + bs)
+        x2 = vload(src, p + 2 * bs)
+        x3 = vload(src, p + 3 * bs)
+        x4 = vload(src, p + 4 * bs)
+        x5 = vload(src, p + 5 * bs)
+        x6 = vload(src, p + 6 * bs)
+        for k in range(runs[r, 3]):
+            x7 = vload(src, p + (7 + k) * bs)
+            wv = vload(wts, w)
+            a0 = vfma(x0, wv, a0)
+            a1 = vfma(x1, wv, a1)
+            a2 = vfma(x2, wv, a2)
+            a3 = vfma(x3, wv, a3)
+            a4 = vfma(x4, wv, a4)
+            a5 = vfma(x5, wv, a5)
+            a6 = vfma(x6, wv, a6)
+            a7 = vfma(x7, wv, a7)
+            x0 = x1
+            x1 = x2
+            x2 = x3
+            x3 = x4
+            x4 = x5
+            x5 = x6
+            x6 = x7
+            w += runs[r, 2]
+    return a0, a1, a2, a3, a4, a5, a6, a7
+
+
+@njit(cache=True)
+def _runs(soff, woff, ntaps, step, runs):
+    """Group consecutive table entries whose stage offsets advance by ``step`` (and weights by a
+    constant) into runs for :func:`_slide8`; returns the number of runs."""
+    n = 0
+    for t in range(ntaps):
+        if n > 0:
+            length = runs[n - 1, 3]
+            if soff[t] == runs[n - 1, 0] + length * step and (
+                    length == 1 or woff[t] == runs[n - 1, 1] + length * runs[n - 1, 2]):
+                if length == 1:
+                    runs[n - 1, 2] = woff[t] - runs[n - 1, 1]
+                runs[n - 1, 3] = length + 1
+                continue
+        runs[n, 0] = soff[t]
+        runs[n, 1] = woff[t]
+        runs[n, 2] = 0
+        runs[n, 3] = 1
+        n += 1
+    return n
+
+
+@njit(cache=True, fastmath=FASTMATH)
 def _mac4(src, p0, bs, soff, wts, woff, wb, ntaps, bcast):
     """:func:`_mac8` for four accumulators (short rows)."""
     a0 = vzero(src)
@@ -248,15 +316,15 @@ def _mac1(src, p0, soff, wts, woff, wb, ntaps, bcast):
 
 
 @njit(cache=True, fastmath=FASTMATH)
-def _grad8(src, p0, bs, soff, ntaps, acc, a0, astride, d0, d1, d2, d3, d4, d5, d6, d7):
-    """Backprop filter: ``acc[a0 + t * astride:][:L] += sum_b src[p0 + b * bs + soff[t]:][:L] * d_b``.
+def _grad8(src, p0, bs, soff, aoff, ntaps, acc, a0, d0, d1, d2, d3, d4, d5, d6, d7):
+    """Backprop filter: ``acc[a0 + aoff[t]:][:L] += sum_b src[p0 + b * bs + soff[t]:][:L] * d_b``.
 
     The eight output-gradient vectors stay in registers across the taps; each tap's
     accumulator is loaded and stored once per eight products.
     """
     for t in range(ntaps):
         p = p0 + soff[t]
-        o = a0 + t * astride
+        o = a0 + aoff[t]
         a = vload(acc, o)
         a = vfma(vload(src, p), d0, a)
         a = vfma(vload(src, p + bs), d1, a)
@@ -270,12 +338,48 @@ def _grad8(src, p0, bs, soff, ntaps, acc, a0, astride, d0, d1, d2, d3, d4, d5, d
 
 
 @njit(cache=True, fastmath=FASTMATH)
-def _grad1(src, p0, soff, ntaps, acc, a0, astride, d, count):
+def _grad_slide8(src, p0, bs, runs, nruns, acc, a0, d0, d1, d2, d3, d4, d5, d6, d7):
+    """:func:`_grad8` over runs of taps (see :func:`_slide8`): ``runs[r]`` = (stage offset,
+    accumulator offset, accumulator step, length); one new input load per further tap."""
+    for r in range(nruns):
+        p = p0 + runs[r, 0]
+        o = a0 + runs[r, 1]
+        x0 = vload(src, p)
+        x1 = vload(src, p + bs)
+        x2 = vload(src, p + 2 * bs)
+        x3 = vload(src, p + 3 * bs)
+        x4 = vload(src, p + 4 * bs)
+        x5 = vload(src, p + 5 * bs)
+        x6 = vload(src, p + 6 * bs)
+        for k in range(runs[r, 3]):
+            x7 = vload(src, p + (7 + k) * bs)
+            a = vload(acc, o)
+            a = vfma(x0, d0, a)
+            a = vfma(x1, d1, a)
+            a = vfma(x2, d2, a)
+            a = vfma(x3, d3, a)
+            a = vfma(x4, d4, a)
+            a = vfma(x5, d5, a)
+            a = vfma(x6, d6, a)
+            a = vfma(x7, d7, a)
+            vstore(acc, o, a)
+            x0 = x1
+            x1 = x2
+            x2 = x3
+            x3 = x4
+            x4 = x5
+            x5 = x6
+            x6 = x7
+            o += runs[r, 2]
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def _grad1(src, p0, soff, aoff, ntaps, acc, a0, d, count):
     """:func:`_grad8` for one vector; only the first ``count`` lanes of ``src`` are read
     (the others count as zero), so data past a row's end cannot leak in as NaN."""
     L = vlanes(acc)
     for t in range(ntaps):
-        o = a0 + t * astride
+        o = a0 + aoff[t]
         x = vload(src, p0 + soff[t]) if count >= L else vload_n(src, p0 + soff[t], count)
         vstore(acc, o, vfma(x, d, vload(acc, o)))
 
@@ -457,6 +561,7 @@ def _forward_nhwc(x, wts, bias, has_bias, lo, hi, out, kh_, kw_, sh, sw, dh, dw,
         held = np.empty(eff_h, np.int64)  # which input row each ring slot holds
         soff = np.empty(kh_ * kw_, np.int64)
         woff = np.empty(kh_ * kw_, np.int64)
+        runs = np.empty((kh_ * kw_, 4), np.int64)
         lov = vsplat(wts, lo)
         hiv = vsplat(wts, hi)
         for g0 in range(0, blocks, group):
@@ -475,11 +580,15 @@ def _forward_nhwc(x, wts, bias, has_bias, lo, hi, out, kh_, kw_, sh, sw, dh, dw,
                             held[slot] = n * h_ + ih
                             _stage_row_nhwc(stage, x, n, ih, cm // x.shape[3], g0, g1, slot * slotlen,
                                             cbstride, sw, wq, pl)
-                    for kw in range(kw_):
-                        off = kw * dw
-                        soff[t] = slot * slotlen + ((off % sw) * wq + off // sw) * L
-                        woff[t] = (kh * kw_ + kw) * cp
-                        t += 1
+                    for ph in range(sw):  # by phase, so that a filter row's taps form runs
+                        for kw in range(kw_):
+                            off = kw * dw
+                            if off % sw == ph:
+                                soff[t] = slot * slotlen + (ph * wq + off // sw) * L
+                                woff[t] = (kh * kw_ + kw) * cp
+                                t += 1
+                nruns = _runs(soff, woff, t, L, runs)
+                slide = 2 * nruns <= t  # runs of two taps or more on average: sliding pays
                 orow = (n * oh_ + oh) * ow_
                 # the input rows the next output row will stage, prefetched while this one computes
                 pf, pf_end = _next_rows_nhwc(x, n, oh, oh_, sh, pt, (kh_ - 1) * dh, min(sh, eff_h),
@@ -495,7 +604,10 @@ def _forward_nhwc(x, wts, bias, has_bias, lo, hi, out, kh_, kw_, sh, sw, dh, dw,
                         if ow_ >= BLOCK:
                             if ow + BLOCK > ow_:
                                 ow = ow_ - BLOCK  # last block overlaps the previous one
-                            r = _mac8(stage, sb + ow * L, L, soff, wts, woff, wb, t, False)
+                            if slide:
+                                r = _slide8(stage, sb + ow * L, L, runs, nruns, wts, wb)
+                            else:
+                                r = _mac8(stage, sb + ow * L, L, soff, wts, woff, wb, t, False)
                             o = (orow + ow) * cm + wb
                             for b in range(BLOCK):
                                 _emit(out, o + b * cm, _finish(r[b], bv, has_bias, lov, hiv), count, stream)
@@ -695,6 +807,7 @@ def _backprop_input_nhwc(dy, wts, dx, kh_, kw_, sh, sw, dh, dw, pt, pl, tasks, g
         ntab = kh_ * kw_ * m_
         soff = np.empty(ntab, np.int64)
         woff = np.empty(ntab, np.int64)
+        runs = np.empty((ntab, 4), np.int64)
         kslot = np.empty(kh_, np.int64)
         zero = vzero(wts)
         for g0 in range(0, blocks, group):
@@ -728,15 +841,16 @@ def _backprop_input_nhwc(dy, wts, dx, kh_, kw_, sh, sw, dh, dw, pt, pl, tasks, g
                     for kh in range(kh_):
                         if kslot[kh] < 0:
                             continue
-                        for kw in range(kw_):
-                            u = r + pl - kw * dw
-                            if u % sw != 0:
-                                continue
-                            col = u // sw + padl
-                            for q in range(m_):
-                                soff[t] = kslot[kh] * slotlen + (q * owp + col) * L
+                        for q in range(m_):
+                            for kw in range(kw_ - 1, -1, -1):  # columns ascend: the taps form runs
+                                u = r + pl - kw * dw
+                                if u % sw != 0:
+                                    continue
+                                soff[t] = kslot[kh] * slotlen + (q * owp + u // sw + padl) * L
                                 woff[t] = ((kh * kw_ + kw) * m_ + q) * cp
                                 t += 1
+                    nruns = _runs(soff, woff, t, L, runs)
+                    slide = 2 * nruns <= t
                     ni = (w_ - r + sw - 1) // sw
                     for cb in range(g0, g1):
                         sb = (cb - g0) * cbstride
@@ -753,7 +867,10 @@ def _backprop_input_nhwc(dy, wts, dx, kh_, kw_, sh, sw, dh, dw, pt, pl, tasks, g
                                     for b in range(BLOCK):
                                         _emit(dx, o + b * step, zero, count, stream)
                                 else:
-                                    res = _mac8(stage, sb + i * L, L, soff, wts, woff, wb, t, False)
+                                    if slide:
+                                        res = _slide8(stage, sb + i * L, L, runs, nruns, wts, wb)
+                                    else:
+                                        res = _mac8(stage, sb + i * L, L, soff, wts, woff, wb, t, False)
                                     for b in range(BLOCK):
                                         _emit(dx, o + b * step, res[b], count, stream)
                                 pf = _prefetch_some(dy, pf, pf_end, per)
@@ -1064,12 +1181,15 @@ def _backprop_filter_nhwc(x, dy, partial, kh_, kw_, sh, sw, dh, dw, pt, pl, budg
         stage = _aligned_zeros(group * cbstride, partial)
         held = np.empty(eff_h, np.int64)
         soff = np.empty(taps, np.int64)
+        aoff = np.empty(taps, np.int64)
+        runs = np.empty((taps, 4), np.int64)
         for g0 in range(0, blocks, group):
             g1 = min(g0 + group, blocks)
             held[:] = -1
             for row in range(r0, r1):
                 n = row // oh_
                 oh = row - n * oh_
+                t = 0
                 for kh in range(kh_):
                     ih = oh * sh - pt + kh * dh
                     slot = zero_slot
@@ -1079,9 +1199,15 @@ def _backprop_filter_nhwc(x, dy, partial, kh_, kw_, sh, sw, dh, dw, pt, pl, budg
                             held[slot] = n * h_ + ih
                             _stage_row_nhwc(stage, x, n, ih, cm // x.shape[3], g0, g1, slot * slotlen,
                                             cbstride, sw, wq, pl)
-                    for kw in range(kw_):
-                        off = kw * dw
-                        soff[kh * kw_ + kw] = slot * slotlen + ((off % sw) * wq + off // sw) * L
+                    for ph in range(sw):  # by phase, so that a filter row's taps form runs
+                        for kw in range(kw_):
+                            off = kw * dw
+                            if off % sw == ph:
+                                soff[t] = slot * slotlen + (ph * wq + off // sw) * L
+                                aoff[t] = (kh * kw_ + kw) * cp
+                                t += 1
+                nruns = _runs(soff, aoff, taps, L, runs)
+                slide = 2 * nruns <= taps
                 drow = (n * oh_ + oh) * ow_
                 pf, pf_end = _next_rows_nhwc(x, n, oh, oh_, sh, pt, (kh_ - 1) * dh, min(sh, eff_h),
                                              row + 1 < r1 and g1 - g0 == blocks)
@@ -1094,22 +1220,22 @@ def _backprop_filter_nhwc(x, dy, partial, kh_, kw_, sh, sw, dh, dw, pt, pl, budg
                     while ow + BLOCK <= ow_:
                         pf = _prefetch_some(x, pf, pf_end, per)
                         d = (drow + ow) * cm + wb
-                        if count >= L:
-                            _grad8(stage, sb + ow * L, L, soff, taps, acc, wb, cp,
-                                   vload(dy, d), vload(dy, d + cm), vload(dy, d + 2 * cm), vload(dy, d + 3 * cm),
-                                   vload(dy, d + 4 * cm), vload(dy, d + 5 * cm), vload(dy, d + 6 * cm),
-                                   vload(dy, d + 7 * cm))
+                        d0 = _load_count(dy, d, count)
+                        d1 = _load_count(dy, d + cm, count)
+                        d2 = _load_count(dy, d + 2 * cm, count)
+                        d3 = _load_count(dy, d + 3 * cm, count)
+                        d4 = _load_count(dy, d + 4 * cm, count)
+                        d5 = _load_count(dy, d + 5 * cm, count)
+                        d6 = _load_count(dy, d + 6 * cm, count)
+                        d7 = _load_count(dy, d + 7 * cm, count)
+                        if slide:
+                            _grad_slide8(stage, sb + ow * L, L, runs, nruns, acc, wb, d0, d1, d2, d3, d4, d5, d6, d7)
                         else:
-                            _grad8(stage, sb + ow * L, L, soff, taps, acc, wb, cp,
-                                   vload_n(dy, d, count), vload_n(dy, d + cm, count),
-                                   vload_n(dy, d + 2 * cm, count), vload_n(dy, d + 3 * cm, count),
-                                   vload_n(dy, d + 4 * cm, count), vload_n(dy, d + 5 * cm, count),
-                                   vload_n(dy, d + 6 * cm, count), vload_n(dy, d + 7 * cm, count))
+                            _grad8(stage, sb + ow * L, L, soff, aoff, taps, acc, wb, d0, d1, d2, d3, d4, d5, d6, d7)
                         ow += BLOCK
                     while ow < ow_:
-                        d = (drow + ow) * cm + wb
-                        dv = vload(dy, d) if count >= L else vload_n(dy, d, count)
-                        _grad1(stage, sb + ow * L, soff, taps, acc, wb, cp, dv, L)
+                        dv = _load_count(dy, (drow + ow) * cm + wb, count)
+                        _grad1(stage, sb + ow * L, soff, aoff, taps, acc, wb, dv, L)
                         ow += 1
 
 
@@ -1137,10 +1263,12 @@ def _backprop_filter_nchw(x, dy, partial, kh_, kw_, sh, sw, dh, dw, pt, pl):
         stage = _aligned_zeros(nrows * rowlen + L, partial)
         accv = _aligned_zeros(taps * L, partial)
         soff = np.empty(taps, np.int64)
+        aoff = np.empty(taps, np.int64)
         for kh in range(kh_):
             for kw in range(kw_):
                 off = kw * dw
                 soff[kh * kw_ + kw] = kh * dh * rowlen + (off % sw) * seg + off // sw
+                aoff[kh * kw_ + kw] = (kh * kw_ + kw) * L
         for unit in range(u0, u1):
             plane = unit // groups
             g = unit - plane * groups
@@ -1157,14 +1285,14 @@ def _backprop_filter_nchw(x, dy, partial, kh_, kw_, sh, sw, dh, dw, pt, pl):
                     count = min(L, ow_ - ow)
                     d = d0 + ow
                     if nr == BLOCK and count == L:
-                        _grad8(stage, ow, sh * rowlen, soff, taps, accv, 0, L,
+                        _grad8(stage, ow, sh * rowlen, soff, aoff, taps, accv, 0,
                                vload(flat_dy, d), vload(flat_dy, d + ow_), vload(flat_dy, d + 2 * ow_),
                                vload(flat_dy, d + 3 * ow_), vload(flat_dy, d + 4 * ow_), vload(flat_dy, d + 5 * ow_),
                                vload(flat_dy, d + 6 * ow_), vload(flat_dy, d + 7 * ow_))
                     else:
                         for b in range(nr):
                             dv = vload(flat_dy, d + b * ow_) if count == L else vload_n(flat_dy, d + b * ow_, count)
-                            _grad1(stage, ow + b * sh * rowlen, soff, taps, accv, 0, L, dv, count)
+                            _grad1(stage, ow + b * sh * rowlen, soff, aoff, taps, accv, 0, dv, count)
                 for t in range(taps):
                     partial[task, t * cm + j] += vsum(vload(accv, t * L))
 
