@@ -221,11 +221,12 @@ def _mac8(src, p0, bs, soff, wts, woff, wb, ntaps, bcast):
 
 
 @njit(cache=True, fastmath=FASTMATH)
-def _slide8(src, p0, bs, runs, nruns, wts, wb):
+def _slide8(src, p0, bs, runs, nruns, wts, wb, bcast):
     """:func:`_mac8` over runs of taps whose inputs lie one vector (``bs``) apart: the eight
     input vectors slide along a run, so each further tap of the run costs one load instead of
-    eight (stride-1 rows: the taps of a filter row). ``runs[r]`` = (stage offset, weight offset,
-    weight step, length)."""
+    eight (NHWC: the taps of a filter row; NCHW: of a filter column, as the block runs down
+    rows). ``runs[r]`` = (stage offset, weight offset, weight step, length); ``bcast`` as in
+    :func:`_mac8`."""
     a0 = vzero(src)
     a1 = a0
     a2 = a0
@@ -246,7 +247,7 @@ def _slide8(src, p0, bs, runs, nruns, wts, wb):
         x6 = vload(src, p + 6 * bs)
         for k in range(runs[r, 3]):
             x7 = vload(src, p + (7 + k) * bs)
-            wv = vload(wts, w)
+            wv = vbroadcast(wts, w) if bcast else vload(wts, w)
             a0 = vfma(x0, wv, a0)
             a1 = vfma(x1, wv, a1)
             a2 = vfma(x2, wv, a2)
@@ -394,16 +395,58 @@ def _put(dst, o, v, count):
 
 
 @njit(cache=True, fastmath=FASTMATH)
-def _emit(dst, o, v, count, stream):
-    """:func:`_put`, bypassing the caches (non-temporal) for full, aligned vectors when
-    ``stream``: an output larger than the caches then costs no read-for-ownership traffic."""
+def _store8(dst, o, step, r, count, stream, bv, has_bias, lov, hiv, clamp):
+    """Store the eight vectors ``r`` at ``o + b * step`` (first ``count`` lanes), after the
+    forward epilogue (bias add when ``has_bias``, clamp to [lo, hi] when ``clamp``); with
+    ``stream``, full vectors at aligned offsets bypass the caches. The conditions are tested
+    once for the eight stores."""
+    a0, a1, a2, a3, a4, a5, a6, a7 = r
+    if has_bias:
+        a0 = vadd(a0, bv)
+        a1 = vadd(a1, bv)
+        a2 = vadd(a2, bv)
+        a3 = vadd(a3, bv)
+        a4 = vadd(a4, bv)
+        a5 = vadd(a5, bv)
+        a6 = vadd(a6, bv)
+        a7 = vadd(a7, bv)
+    if clamp:
+        a0 = vclamp(a0, lov, hiv)
+        a1 = vclamp(a1, lov, hiv)
+        a2 = vclamp(a2, lov, hiv)
+        a3 = vclamp(a3, lov, hiv)
+        a4 = vclamp(a4, lov, hiv)
+        a5 = vclamp(a5, lov, hiv)
+        a6 = vclamp(a6, lov, hiv)
+        a7 = vclamp(a7, lov, hiv)
     L = vlanes(dst)
-    if stream and count >= L and o % L == 0:
-        vstream(dst, o, v)
-    elif count >= L:
-        vstore(dst, o, v)
+    if count < L:
+        vstore_n(dst, o, a0, count)
+        vstore_n(dst, o + step, a1, count)
+        vstore_n(dst, o + 2 * step, a2, count)
+        vstore_n(dst, o + 3 * step, a3, count)
+        vstore_n(dst, o + 4 * step, a4, count)
+        vstore_n(dst, o + 5 * step, a5, count)
+        vstore_n(dst, o + 6 * step, a6, count)
+        vstore_n(dst, o + 7 * step, a7, count)
+    elif stream and o % L == 0 and step % L == 0:
+        vstream(dst, o, a0)
+        vstream(dst, o + step, a1)
+        vstream(dst, o + 2 * step, a2)
+        vstream(dst, o + 3 * step, a3)
+        vstream(dst, o + 4 * step, a4)
+        vstream(dst, o + 5 * step, a5)
+        vstream(dst, o + 6 * step, a6)
+        vstream(dst, o + 7 * step, a7)
     else:
-        vstore_n(dst, o, v, count)
+        vstore(dst, o, a0)
+        vstore(dst, o + step, a1)
+        vstore(dst, o + 2 * step, a2)
+        vstore(dst, o + 3 * step, a3)
+        vstore(dst, o + 4 * step, a4)
+        vstore(dst, o + 5 * step, a5)
+        vstore(dst, o + 6 * step, a6)
+        vstore(dst, o + 7 * step, a7)
 
 
 @njit(cache=True, fastmath=FASTMATH)
@@ -564,6 +607,7 @@ def _forward_nhwc(x, wts, bias, has_bias, lo, hi, out, kh_, kw_, sh, sw, dh, dw,
         runs = np.empty((kh_ * kw_, 4), np.int64)
         lov = vsplat(wts, lo)
         hiv = vsplat(wts, hi)
+        clamp = not (lo == -np.inf and hi == np.inf)
         for g0 in range(0, blocks, group):
             g1 = min(g0 + group, blocks)
             held[:] = -1
@@ -605,12 +649,10 @@ def _forward_nhwc(x, wts, bias, has_bias, lo, hi, out, kh_, kw_, sh, sw, dh, dw,
                             if ow + BLOCK > ow_:
                                 ow = ow_ - BLOCK  # last block overlaps the previous one
                             if slide:
-                                r = _slide8(stage, sb + ow * L, L, runs, nruns, wts, wb)
+                                r = _slide8(stage, sb + ow * L, L, runs, nruns, wts, wb, False)
                             else:
                                 r = _mac8(stage, sb + ow * L, L, soff, wts, woff, wb, t, False)
-                            o = (orow + ow) * cm + wb
-                            for b in range(BLOCK):
-                                _emit(out, o + b * cm, _finish(r[b], bv, has_bias, lov, hiv), count, stream)
+                            _store8(out, (orow + ow) * cm + wb, cm, r, count, stream, bv, has_bias, lov, hiv, clamp)
                             pf = _prefetch_some(x, pf, pf_end, per)
                             ow += BLOCK
                         elif ow_ >= 4:
@@ -719,13 +761,19 @@ def _forward_nchw(x, wts, bias, has_bias, lo, hi, out, kh_, kw_, sh, sw, dh, dw,
         obuf = _aligned_zeros(rb * ow_ + L, wts)
         soff = np.empty(taps, np.int64)
         woff = np.empty(taps, np.int64)
-        for kh in range(kh_):
-            for kw in range(kw_):
+        runs = np.empty((taps, 4), np.int64)
+        t = 0
+        for kw in range(kw_):  # a filter column's taps read rows dh apart: runs when dh == sh
+            for kh in range(kh_):
                 off = kw * dw
-                soff[kh * kw_ + kw] = kh * dh * rowlen + (off % sw) * seg + off // sw
-                woff[kh * kw_ + kw] = kh * kw_ + kw
+                soff[t] = kh * dh * rowlen + (off % sw) * seg + off // sw
+                woff[t] = kh * kw_ + kw
+                t += 1
+        nruns = _runs(soff, woff, taps, sh * rowlen, runs)
+        slide = 2 * nruns <= taps and rb == BLOCK
         lov = vsplat(wts, lo)
         hiv = vsplat(wts, hi)
+        clamp = not (lo == -np.inf and hi == np.inf)
         for unit in range(u0, u1):
             plane = unit // groups
             g = unit - plane * groups
@@ -749,9 +797,11 @@ def _forward_nchw(x, wts, bias, has_bias, lo, hi, out, kh_, kw_, sh, sw, dh, dw,
                         ow = ow_ - L  # last vector overlaps the previous one
                         count = L
                     if rb == BLOCK:
-                        r = _mac8(stage, ow, sh * rowlen, soff, wts, woff, wb, taps, True)
-                        for b in range(BLOCK):
-                            _put(obuf, b * ow_ + ow, _finish(r[b], bv, has_bias, lov, hiv), count)
+                        if slide:
+                            r = _slide8(stage, ow, sh * rowlen, runs, nruns, wts, wb, True)
+                        else:
+                            r = _mac8(stage, ow, sh * rowlen, soff, wts, woff, wb, taps, True)
+                        _store8(obuf, ow, ow_, r, count, False, bv, has_bias, lov, hiv, clamp)
                         pf = _prefetch_some(x, pf, pf_end, per)
                     elif rb == 4:
                         r4 = _mac4(stage, ow, sh * rowlen, soff, wts, woff, wb, taps, True)
@@ -864,15 +914,14 @@ def _backprop_input_nhwc(dy, wts, dx, kh_, kw_, sh, sw, dh, dw, pt, pl, tasks, g
                                     i = ni - BLOCK
                                 o = (xrow + r + i * sw) * c_ + wb
                                 if t == 0:
-                                    for b in range(BLOCK):
-                                        _emit(dx, o + b * step, zero, count, stream)
+                                    _store8(dx, o, step, (zero, zero, zero, zero, zero, zero, zero, zero), count,
+                                            stream, zero, False, zero, zero, False)
                                 else:
                                     if slide:
-                                        res = _slide8(stage, sb + i * L, L, runs, nruns, wts, wb)
+                                        res = _slide8(stage, sb + i * L, L, runs, nruns, wts, wb, False)
                                     else:
                                         res = _mac8(stage, sb + i * L, L, soff, wts, woff, wb, t, False)
-                                    for b in range(BLOCK):
-                                        _emit(dx, o + b * step, res[b], count, stream)
+                                    _store8(dx, o, step, res, count, stream, zero, False, zero, zero, False)
                                 pf = _prefetch_some(dy, pf, pf_end, per)
                                 i += BLOCK
                             else:
@@ -1011,6 +1060,7 @@ def _backprop_input_nchw(dy, wts, dx, kh_, kw_, sh, sw, dh, dw, pt, pl, tasks, s
         obuf = _aligned_zeros(BLOCK * w_ + L, wts)
         soff = np.empty(taps * m_, np.int64)
         woff = np.empty(taps * m_, np.int64)
+        runs = np.empty((taps * m_, 4), np.int64)
         zero = vzero(wts)
         for unit in range(u0, u1):
             plane = unit // per_plane
@@ -1047,15 +1097,17 @@ def _backprop_input_nchw(dy, wts, dx, kh_, kw_, sh, sw, dh, dw, pt, pl, tasks, s
             for q in range(m_):
                 _stage_dy_rows_nchw(stage, dy[n, c * m_ + q], i0 + amin, nrows, q * nrows * rowlen, rowlen, sw, padu)
             t = 0
-            for kh in range(kh_):
-                u = r + pt - kh * dh
-                if u % sh != 0:
-                    continue
+            for q in range(m_):
                 for kw in range(kw_):
-                    for q in range(m_):
+                    for kh in range(kh_ - 1, -1, -1):  # dy rows ascend: runs when dh == sh
+                        u = r + pt - kh * dh
+                        if u % sh != 0:
+                            continue
                         soff[t] = (q * nrows + u // sh - amin) * rowlen + pl - kw * dw + padu
                         woff[t] = q * taps + kh * kw_ + kw
                         t += 1
+            nruns = _runs(soff, woff, t, rowlen, runs)
+            slide = 2 * nruns <= t
             wb = c * m_ * taps
             iw = 0
             while iw < w_:
@@ -1064,9 +1116,11 @@ def _backprop_input_nchw(dy, wts, dx, kh_, kw_, sh, sw, dh, dw, pt, pl, tasks, s
                     iw = w_ - L
                     count = L
                 if rb == BLOCK:
-                    res = _mac8(stage, iw, rowlen, soff, wts, woff, wb, t, True)
-                    for b in range(BLOCK):
-                        _put(obuf, b * w_ + iw, res[b], count)
+                    if slide:
+                        res = _slide8(stage, iw, rowlen, runs, nruns, wts, wb, True)
+                    else:
+                        res = _mac8(stage, iw, rowlen, soff, wts, woff, wb, t, True)
+                    _store8(obuf, iw, w_, res, count, False, zero, False, zero, zero, False)
                 elif rb == 4:
                     r4 = _mac4(stage, iw, rowlen, soff, wts, woff, wb, t, True)
                     for b in range(4):
@@ -1080,7 +1134,6 @@ def _backprop_input_nchw(dy, wts, dx, kh_, kw_, sh, sw, dh, dw, pt, pl, tasks, s
             store_fence()
 
 
-tap_range = njit(cache=True)(spec.tap_range)
 output_range = njit(cache=True)(spec.output_range)
 
 
@@ -1264,11 +1317,16 @@ def _backprop_filter_nchw(x, dy, partial, kh_, kw_, sh, sw, dh, dw, pt, pl):
         accv = _aligned_zeros(taps * L, partial)
         soff = np.empty(taps, np.int64)
         aoff = np.empty(taps, np.int64)
-        for kh in range(kh_):
-            for kw in range(kw_):
+        runs = np.empty((taps, 4), np.int64)
+        t = 0
+        for kw in range(kw_):  # a filter column's taps read rows dh apart: runs when dh == sh
+            for kh in range(kh_):
                 off = kw * dw
-                soff[kh * kw_ + kw] = kh * dh * rowlen + (off % sw) * seg + off // sw
-                aoff[kh * kw_ + kw] = (kh * kw_ + kw) * L
+                soff[t] = kh * dh * rowlen + (off % sw) * seg + off // sw
+                aoff[t] = (kh * kw_ + kw) * L
+                t += 1
+        nruns = _runs(soff, aoff, taps, sh * rowlen, runs)
+        slide = 2 * nruns <= taps
         for unit in range(u0, u1):
             plane = unit // groups
             g = unit - plane * groups
@@ -1280,15 +1338,23 @@ def _backprop_filter_nchw(x, dy, partial, kh_, kw_, sh, sw, dh, dw, pt, pl):
             for q in range(m_):
                 j = c * m_ + q
                 accv[:] = 0
-                d0 = ((n * cm + j) * oh_ + oh0) * ow_
+                dbase = ((n * cm + j) * oh_ + oh0) * ow_
                 for ow in range(0, ow_, L):
                     count = min(L, ow_ - ow)
-                    d = d0 + ow
+                    d = dbase + ow
                     if nr == BLOCK and count == L:
-                        _grad8(stage, ow, sh * rowlen, soff, aoff, taps, accv, 0,
-                               vload(flat_dy, d), vload(flat_dy, d + ow_), vload(flat_dy, d + 2 * ow_),
-                               vload(flat_dy, d + 3 * ow_), vload(flat_dy, d + 4 * ow_), vload(flat_dy, d + 5 * ow_),
-                               vload(flat_dy, d + 6 * ow_), vload(flat_dy, d + 7 * ow_))
+                        d0 = vload(flat_dy, d)
+                        d1 = vload(flat_dy, d + ow_)
+                        d2 = vload(flat_dy, d + 2 * ow_)
+                        d3 = vload(flat_dy, d + 3 * ow_)
+                        d4 = vload(flat_dy, d + 4 * ow_)
+                        d5 = vload(flat_dy, d + 5 * ow_)
+                        d6 = vload(flat_dy, d + 6 * ow_)
+                        d7 = vload(flat_dy, d + 7 * ow_)
+                        if slide:
+                            _grad_slide8(stage, ow, sh * rowlen, runs, nruns, accv, 0, d0, d1, d2, d3, d4, d5, d6, d7)
+                        else:
+                            _grad8(stage, ow, sh * rowlen, soff, aoff, taps, accv, 0, d0, d1, d2, d3, d4, d5, d6, d7)
                     else:
                         for b in range(nr):
                             dv = vload(flat_dy, d + b * ow_) if count == L else vload_n(flat_dy, d + b * ow_, count)
