@@ -13,22 +13,26 @@ speed of memory. Each task works through its rows in three steps:
    (16-bit floats stay 16-bit in memory and are widened in registers on the way), into a small
    per-task buffer that stays in cache. The copy carries the zero padding (so border pixels need
    no bounds checks), splits columns by stride phase (so strided taps become unit-stride reads),
-   expands channels for a multiplier > 1, and lays channel blocks out contiguously. Rows are
-   kept in a ring and staged once per task, not once per tap.
+   expands channels for a multiplier > 1 (lane shuffles), and lays each 64-byte channel block
+   out contiguously. Rows are kept in a ring and staged once per task, not once per tap; the
+   next row's input is prefetched while the current one computes.
 2. **Compute.** A tap table lists, for the row, each tap's offset in the stage and in the
-   filter. One register-blocked micro-kernel (:func:`_mac8`) then accumulates eight
-   64-byte vectors at once (eight output pixels along the row in NHWC, eight output rows in
-   NCHW), reading all of them from one base address with constant displacements: per tap one
-   weight load and eight fused multiply-adds with a memory operand. Because the tap loop is
-   a runtime loop over the table, one compiled kernel serves every filter size, stride,
-   dilation and multiplier; no per-size specialisation is compiled.
+   filter. A register-blocked micro-kernel accumulates eight 64-byte vectors at once (eight
+   output pixels along the row in NHWC, eight output rows in NCHW) from one base address with
+   constant displacements. Taps whose inputs lie one vector apart (a stride-1 filter row in
+   NHWC, a filter column in NCHW) form runs, along which the eight input vectors slide in
+   registers (:func:`_slide8`): one load and one weight load per eight FMAs. Because the tap
+   loop is a runtime loop over the table, one compiled kernel serves every filter size,
+   stride, dilation and multiplier; no per-size specialisation is compiled.
 3. **Store**, with the fused bias/clamp epilogue of the forward op and one rounding to the
-   output dtype.
+   output dtype. Large NHWC outputs of 32/64-bit data are written with non-temporal stores
+   (no read-for-ownership of lines that are about to be overwritten).
 
 The vectors are explicit (:mod:`nbdw.simd`): 16 float32 or 8 float64 lanes, over channels in
 NHWC and over width in NCHW. Backprop filter keeps per-task partial sums (one per tap and
 channel) in cache, adds eight pixels per tap per load/store of the accumulator, and reduces
 the per-task partials once, in task order: bitwise repeatable for a given thread count.
+Backprop input stays a gather: each input element is computed whole by one task.
 
 Zero padding is multiplied like data, as TensorFlow's and the reference's formula does. For
 backprop input, whose formula has no padding, those zeros add exact zeros as long as the filter
