@@ -59,14 +59,22 @@ def _timer(cpu_time):
 
 
 def _interleaved(calls, repeats, clock):
-    """Median seconds of each zero-argument callable, calls alternating round by round."""
+    """Median seconds of each zero-argument callable, calls alternating round by round.
+
+    The order is shuffled every round: a parallel call right after another library's runs
+    while that library's OpenMP threads still spin, so a fixed order would always charge the
+    same entry for it.
+    """
     for call in calls.values():
         call()
     samples = {name: [] for name in calls}
+    order = list(calls)
+    shuffle = np.random.default_rng(12345).permutation
     for _ in range(repeats):
-        for name, call in calls.items():
+        for i in shuffle(len(order)):
+            name = order[i]
             start = clock()
-            call()
+            calls[name]()
             samples[name].append(clock() - start)
     return {name: statistics.median(s) for name, s in samples.items()}
 
