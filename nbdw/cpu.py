@@ -41,6 +41,8 @@ is finite; a filter holding NaN or Inf takes an exact gather kernel that skips t
 
 from __future__ import annotations
 
+import math
+
 import numba
 import numpy as np
 from llvmlite import ir
@@ -1408,7 +1410,7 @@ def _kernel_view(array, dtype):
 def _empty_aligned(shape, dtype):
     """An uninitialised C-contiguous array whose data starts on a 64-byte boundary."""
     dtype = np.dtype(dtype)
-    size = int(np.prod(shape))
+    size = math.prod(shape)
     raw = np.empty(size * dtype.itemsize + 64, np.uint8)
     skip = -raw.ctypes.data % 64
     return raw[skip:skip + size * dtype.itemsize].view(dtype).reshape(shape)
