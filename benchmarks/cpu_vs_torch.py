@@ -46,6 +46,13 @@ SHAPES = {
     "mult2_56x32": (56, 56, 32, 3, 1, 1, 2),
     "dilated2_56x64": (56, 56, 64, 3, 1, 2, 1),
 }
+#: Other options that must stay fast (issue 7): odd channel counts (select with --shapes).
+EXTRA_SHAPES = {
+    "odd_56x33": (56, 56, 33, 3, 1, 1, 1),
+    "odd_28x100_k5": (28, 28, 100, 5, 1, 1, 1),
+    "odd_112x3": (112, 112, 3, 3, 1, 1, 1),
+    "mult3_28x24": (28, 28, 24, 3, 1, 1, 3),
+}
 OPS = ("forward", "backprop_input", "backprop_filter")
 
 
@@ -93,7 +100,7 @@ def run_table(args, torch):
     rng = np.random.default_rng(0)
     rows = []
     for shape_name in args.shapes.split(","):
-        h, w, c, k, s, d, m = SHAPES[shape_name]
+        h, w, c, k, s, d, m = {**SHAPES, **EXTRA_SHAPES}[shape_name]
         pad = (k - 1) * d // 2
         n = args.batch
         oh = (h + 2 * pad - (k - 1) * d - 1) // s + 1
