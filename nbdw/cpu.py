@@ -588,6 +588,33 @@ def _stage_row_nhwc(stage, x, n, ih, m_, g0, g1, dst0, cbstride, sw, wq, pl):
 # Forward
 # ---------------------------------------------------------------------------
 
+@njit(cache=True, fastmath=FASTMATH)
+def _stage_taps_nhwc(stage, x, held, soff, woff, n, oh, sh, pt, dh, dw, kh_, kw_, eff_h, m_, g0, g1,
+                     slotlen, cbstride, sw, wq, pl, cp, L):
+    """Stage the input rows output row ``oh`` reads (ring slots in ``held``; out-of-range rows map
+    to the zero slot) and fill its tap table: stage offsets ``soff`` and weight offsets ``woff``.
+    Shared by forward and backprop filter in NHWC; returns the number of taps."""
+    h_ = x.shape[1]
+    zero_slot = eff_h
+    t = 0
+    for kh in range(kh_):
+        ih = oh * sh - pt + kh * dh
+        slot = zero_slot
+        if 0 <= ih < h_:
+            slot = ih % eff_h
+            if held[slot] != n * h_ + ih:
+                held[slot] = n * h_ + ih
+                _stage_row_nhwc(stage, x, n, ih, m_, g0, g1, slot * slotlen, cbstride, sw, wq, pl)
+        for ph in range(sw):  # by phase, so that a filter row's taps form runs
+            for kw in range(kw_):
+                off = kw * dw
+                if off % sw == ph:
+                    soff[t] = slot * slotlen + (ph * wq + off // sw) * L
+                    woff[t] = (kh * kw_ + kw) * cp
+                    t += 1
+    return t
+
+
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
 def _forward_nhwc(x, wts, bias, has_bias, lo, hi, out, kh_, kw_, sh, sw, dh, dw, pt, pl, tasks, group, stream):
     """x (N, H, W, C); wts (KH*KW*CP,) widened filter, tap-major, channels padded to CP lanes;
@@ -602,7 +629,6 @@ def _forward_nhwc(x, wts, bias, has_bias, lo, hi, out, kh_, kw_, sh, sw, dh, dw,
     wq = ((ow_ - 1) * sw + (kw_ - 1) * dw + 1 + sw - 1) // sw  # stage columns per phase
     slotlen = sw * wq * L
     cbstride = (eff_h + 1) * slotlen + L  # ring of eff_h rows + a zero row; +L breaks 4K aliasing
-    zero_slot = eff_h
     rows = n_ * oh_
     for task in prange(tasks):
         r0, r1 = _split(task, tasks, rows)
@@ -620,23 +646,8 @@ def _forward_nhwc(x, wts, bias, has_bias, lo, hi, out, kh_, kw_, sh, sw, dh, dw,
             for row in range(r0, r1):
                 n = row // oh_
                 oh = row - n * oh_
-                t = 0
-                for kh in range(kh_):
-                    ih = oh * sh - pt + kh * dh
-                    slot = zero_slot
-                    if 0 <= ih < h_:
-                        slot = ih % eff_h
-                        if held[slot] != n * h_ + ih:
-                            held[slot] = n * h_ + ih
-                            _stage_row_nhwc(stage, x, n, ih, cm // x.shape[3], g0, g1, slot * slotlen,
-                                            cbstride, sw, wq, pl)
-                    for ph in range(sw):  # by phase, so that a filter row's taps form runs
-                        for kw in range(kw_):
-                            off = kw * dw
-                            if off % sw == ph:
-                                soff[t] = slot * slotlen + (ph * wq + off // sw) * L
-                                woff[t] = (kh * kw_ + kw) * cp
-                                t += 1
+                t = _stage_taps_nhwc(stage, x, held, soff, woff, n, oh, sh, pt, dh, dw, kh_, kw_, eff_h,
+                                     cm // x.shape[3], g0, g1, slotlen, cbstride, sw, wq, pl, cp, L)
                 nruns = _runs(soff, woff, t, L, runs)
                 slide = 2 * nruns <= t  # runs of two taps or more on average: sliding pays
                 orow = (n * oh_ + oh) * ow_
@@ -1238,7 +1249,6 @@ def _backprop_filter_nhwc(x, dy, partial, kh_, kw_, sh, sw, dh, dw, pt, pl, budg
     slotlen = sw * wq * L
     cbstride = (eff_h + 1) * slotlen + L
     group = max(1, min(blocks, budget // cbstride))
-    zero_slot = eff_h
     rows = n_ * oh_
     for task in prange(tasks):
         r0, r1 = _split(task, tasks, rows)
@@ -1254,23 +1264,8 @@ def _backprop_filter_nhwc(x, dy, partial, kh_, kw_, sh, sw, dh, dw, pt, pl, budg
             for row in range(r0, r1):
                 n = row // oh_
                 oh = row - n * oh_
-                t = 0
-                for kh in range(kh_):
-                    ih = oh * sh - pt + kh * dh
-                    slot = zero_slot
-                    if 0 <= ih < h_:
-                        slot = ih % eff_h
-                        if held[slot] != n * h_ + ih:
-                            held[slot] = n * h_ + ih
-                            _stage_row_nhwc(stage, x, n, ih, cm // x.shape[3], g0, g1, slot * slotlen,
-                                            cbstride, sw, wq, pl)
-                    for ph in range(sw):  # by phase, so that a filter row's taps form runs
-                        for kw in range(kw_):
-                            off = kw * dw
-                            if off % sw == ph:
-                                soff[t] = slot * slotlen + (ph * wq + off // sw) * L
-                                aoff[t] = (kh * kw_ + kw) * cp
-                                t += 1
+                t = _stage_taps_nhwc(stage, x, held, soff, aoff, n, oh, sh, pt, dh, dw, kh_, kw_, eff_h,
+                                     cm // x.shape[3], g0, g1, slotlen, cbstride, sw, wq, pl, cp, L)
                 nruns = _runs(soff, aoff, taps, L, runs)
                 slide = 2 * nruns <= taps
                 drow = (n * oh_ + oh) * ow_
