@@ -66,3 +66,21 @@ def test_epilogue_keeps_nan():
     assert spec.epilogue(7.0, bias, 1, 0.0, 6.0) == 6.0
     assert spec.epilogue(-3.0, bias[:0], 0, 0.0, np.inf) == 0.0
     assert spec.epilogue(-np.inf, bias[:0], 0, *spec.activation_bounds("relu", np.float32)) == 0.0
+
+
+def test_geometry_memo_agrees_with_full_validation():
+    """The memoised geometry equals the one validated from scratch, for list, tuple and NumPy
+    arguments alike, and never turns an invalid call into a valid one."""
+    args = ((2, 9, 7, 3), (3, 3, 3, 2), [1, 2, 1, 1], [[0, 0], [1, 2], [0, 1], [0, 0]], "NHWC", [1, 1, 2, 1])
+    fresh = spec._make_checked(*args)
+    assert spec.forward_geometry(*args) == fresh
+    assert spec.forward_geometry(*args) is spec.forward_geometry(*args)  # served from the memo
+    as_tuples = (args[0], args[1], tuple(args[2]), tuple(map(tuple, args[3])), args[4], tuple(args[5]))
+    assert spec.forward_geometry(*as_tuples) == fresh
+    as_numpy = (args[0], args[1], np.array(args[2]), np.array(args[3]), args[4], np.array(args[5]))
+    assert spec.forward_geometry(*as_numpy) == fresh
+    with pytest.raises(TypeError, match=r"strides must contain integers, got \[1, True, 1, 1\]"):
+        spec.forward_geometry(args[0], args[1], [1, True, 1, 1], "VALID", "NHWC")
+    for _ in range(2):  # an error is raised every time (errors are not memoised), in the caller's words
+        with pytest.raises(ValueError, match=r"strides must have length 4, got \[1, 1\]"):
+            spec.forward_geometry(args[0], args[1], [1, 1], "VALID", "NHWC")
