@@ -272,3 +272,29 @@ def test_forward_and_backprop_input_do_not_depend_on_the_split(fmt):
         numba.set_num_threads(before)
     for a, b in zip(out[0], out[-1]):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("fmt", ["NHWC", "NCHW"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_backprop_filter_ignores_non_finite_input_no_output_reads(fmt, bad):
+    """VALID padding with stride 2 leaves the last input row and column unread (and rows of
+    dy fewer than a block, a row shorter than a vector): NaN or Inf there must not reach the
+    filter gradient through masked-off lanes or padding rows of a block."""
+    rng = np.random.default_rng(11)
+    for h, w in ((14, 14), (22, 36), (8, 17)):
+        cfg = _make(fmt, (2, h, w, 5), (3, 3, 5, 1), (2, 2), (1, 1), "VALID")
+        x = rng.standard_normal(cfg["shape"])
+        y = naive.tf_forward(x, rng.standard_normal(cfg["filter_shape"]), *cfg["args"])
+        dy = rng.standard_normal(y.shape)
+        oh, ow = (y.shape[1], y.shape[2]) if fmt == "NHWC" else (y.shape[2], y.shape[3])
+        unread_rows, unread_cols = range(2 * (oh - 1) + 3, h), range(2 * (ow - 1) + 3, w)
+        assert len(unread_rows) or len(unread_cols)
+        for r in unread_rows:
+            x[(slice(None), r) if fmt == "NHWC" else (slice(None), slice(None), r)] = bad
+        for col in unread_cols:
+            x[(slice(None), slice(None), col) if fmt == "NHWC" else (Ellipsis, col)] = bad
+        ref = naive.tf_backprop_filter(x, cfg["filter_shape"], dy, *cfg["args"])
+        assert np.isfinite(ref).all()
+        got = nbdw.depthwise_conv2d_native_backprop_filter(x.astype(np.float32), cfg["filter_shape"],
+                                                           dy.astype(np.float32), *cfg["args"])
+        np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
