@@ -63,6 +63,9 @@ FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
 #: Bytes of staged input a task keeps per channel group (the stage should sit in L2).
 STAGE_BYTES = 192 * 1024
 
+#: Bytes of staged input rows an NCHW work unit may use (it should sit in L1).
+NCHW_STAGE_BYTES = 24 * 1024
+
 #: Output pixels (NHWC) or rows (NCHW) computed together by the micro-kernel.
 BLOCK = 8
 
@@ -756,11 +759,22 @@ def _stage_rows_nchw(stage, flat, base, h_, w_, ih0, nrows, seg, sw, pl):
                         stage[_index(d + col)] = 0
 
 
+@njit(cache=True)
+def _chunk_rows(oh_, rb, sh, eff_h, rowlen, budget):
+    """Output rows of an NCHW work unit: whole blocks of ``rb`` rows whose staged input rows fit
+    in ``budget`` elements (the whole plane when it fits). One unit stages its rows once, so the
+    halo rows between its blocks are not staged twice and small planes are one unit each."""
+    fit = (budget // rowlen - eff_h) // sh + 1
+    rows = max(rb, fit // rb * rb)
+    return oh_ if rows >= oh_ else rows
+
+
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
-def _forward_nchw(x, wts, bias, has_bias, lo, hi, out, kh_, kw_, sh, sw, dh, dw, pt, pl, tasks, stream):
+def _forward_nchw(x, wts, bias, has_bias, lo, hi, out, kh_, kw_, sh, sw, dh, dw, pt, pl, tasks, stream, budget):
     """x (N, C, H, W); wts (C*M*KH*KW,) widened, plane-major; bias (C*M,); out (N, C*M, OH, OW).
 
     Vectors run along the width; the micro-kernel blocks eight output rows at the same columns.
+    A work unit is a run of blocks of one plane (:func:`_chunk_rows`), staged at once.
     """
     n_, c_ = x.shape[0], x.shape[1]
     cm, oh_, ow_ = out.shape[1], out.shape[2], out.shape[3]
@@ -768,14 +782,16 @@ def _forward_nchw(x, wts, bias, has_bias, lo, hi, out, kh_, kw_, sh, sw, dh, dw,
     taps = kh_ * kw_
     L = vlanes(wts)
     rb = BLOCK if oh_ >= BLOCK else (4 if oh_ >= 4 else 1)  # rows per block
-    groups = (oh_ + rb - 1) // rb
     eff_h = (kh_ - 1) * dh + 1
     wq = ((ow_ - 1) * sw + (kw_ - 1) * dw + 1 + sw - 1) // sw
     seg = (wq + 2 * L - 1) // L * L  # a phase of a staged row: whole vectors, room for one past the end
     rowlen = sw * seg
-    nrows = (rb - 1) * sh + eff_h
-    units = n_ * c_ * groups
+    crows = _chunk_rows(oh_, rb, sh, eff_h, rowlen, budget)
+    chunks = (oh_ + crows - 1) // crows
+    nrows = (crows - 1) * sh + eff_h
+    units = n_ * c_ * chunks
     h_, w_ = x.shape[2], x.shape[3]
+    vecs = (ow_ + L - 1) // L
     flat_x = x.reshape(-1)
     flat_out = out.reshape(-1)
     for task in prange(tasks):
@@ -798,48 +814,55 @@ def _forward_nchw(x, wts, bias, has_bias, lo, hi, out, kh_, kw_, sh, sw, dh, dw,
         hiv = vsplat(wts, hi)
         clamp = not (lo == -np.inf and hi == np.inf)
         for unit in range(u0, u1):
-            plane = unit // groups
-            g = unit - plane * groups
+            plane = unit // chunks
+            k = unit - plane * chunks
             n = plane // c_
             c = plane - n * c_
-            oh0 = g * rb
-            if oh0 + rb > oh_:
-                oh0 = oh_ - rb  # last group overlaps the previous one
-            _stage_rows_nchw(stage, flat_x, plane * h_ * w_, h_, w_, oh0 * sh - pt, nrows, seg, sw, pl)
-            pf, pf_end = _next_unit_nchw(x, unit + 1 < u1, unit + 1, groups, rb, sh, pt, nrows)
-            per = (pf_end - pf) // (64 // x.itemsize) // (m_ * ((ow_ + L - 1) // L)) + 1
+            a = k * crows  # output rows [a, b) of this unit
+            b = min(a + crows, oh_)
+            if b - a < rb:
+                a = b - rb  # a short last unit overlaps the previous one
+            _stage_rows_nchw(stage, flat_x, plane * h_ * w_, h_, w_, a * sh - pt, (b - a - 1) * sh + eff_h, seg, sw, pl)
+            pf, pf_end = _next_unit_nchw(x, unit + 1 < u1, unit + 1, chunks, crows, sh, pt, nrows)
+            per = (pf_end - pf) // (64 // x.itemsize) // (m_ * ((b - a + rb - 1) // rb) * vecs) + 1
             for q in range(m_):
                 j = c * m_ + q
                 wb = j * taps
                 bv = vsplat(wts, bias[j])
-                obase = ((n * cm + j) * oh_ + oh0) * ow_
-                # rows are computed into obuf (in cache), then copied out in address order
-                ow = 0
-                while ow < ow_:
-                    count = ow_ - ow
-                    if count < L and ow_ >= L:
-                        ow = ow_ - L  # last vector overlaps the previous one
-                        count = L
-                    if rb == BLOCK:
-                        if slide:
-                            r = _slide8(stage, ow, sh * rowlen, runs, nruns, wts, wb, True)
+                o0 = a
+                while o0 < b:
+                    if o0 + rb > b:
+                        o0 = b - rb  # the last block overlaps the previous one
+                    so = (o0 - a) * sh * rowlen
+                    obase = ((n * cm + j) * oh_ + o0) * ow_
+                    # rows are computed into obuf (in cache), then copied out in address order
+                    ow = 0
+                    while ow < ow_:
+                        count = ow_ - ow
+                        if count < L and ow_ >= L:
+                            ow = ow_ - L  # last vector overlaps the previous one
+                            count = L
+                        if rb == BLOCK:
+                            if slide:
+                                r = _slide8(stage, so + ow, sh * rowlen, runs, nruns, wts, wb, True)
+                            else:
+                                r = _mac8(stage, so + ow, sh * rowlen, soff, wts, woff, wb, taps, True)
+                            if stream:  # line-aligned rows: straight to the output, bypassing the caches
+                                _store8(flat_out, obase + ow, ow_, r, count, True, bv, has_bias, lov, hiv, clamp)
+                            else:
+                                _store8(obuf, ow, ow_, r, count, False, bv, has_bias, lov, hiv, clamp)
+                        elif rb == 4:
+                            r4 = _mac4(stage, so + ow, sh * rowlen, soff, wts, woff, wb, taps, True)
+                            for i in range(4):
+                                _put(obuf, i * ow_ + ow, _finish(r4[i], bv, has_bias, lov, hiv), count)
                         else:
-                            r = _mac8(stage, ow, sh * rowlen, soff, wts, woff, wb, taps, True)
-                        if stream:  # line-aligned rows: straight to the output, bypassing the caches
-                            _store8(flat_out, obase + ow, ow_, r, count, True, bv, has_bias, lov, hiv, clamp)
-                        else:
-                            _store8(obuf, ow, ow_, r, count, False, bv, has_bias, lov, hiv, clamp)
+                            r1 = _mac1(stage, so + ow, soff, wts, woff, wb, taps, True)
+                            _put(obuf, ow, _finish(r1, bv, has_bias, lov, hiv), count)
                         pf = _prefetch_some(x, pf, pf_end, per)
-                    elif rb == 4:
-                        r4 = _mac4(stage, ow, sh * rowlen, soff, wts, woff, wb, taps, True)
-                        for b in range(4):
-                            _put(obuf, b * ow_ + ow, _finish(r4[b], bv, has_bias, lov, hiv), count)
-                    else:
-                        a = _mac1(stage, ow, soff, wts, woff, wb, taps, True)
-                        _put(obuf, ow, _finish(a, bv, has_bias, lov, hiv), count)
-                    ow += L
-                if not (stream and rb == BLOCK):
-                    _copy_out(flat_out, obase, obuf, 0, rb * ow_, False)
+                        ow += L
+                    if not (stream and rb == BLOCK):
+                        _copy_out(flat_out, obase, obuf, 0, rb * ow_, False)
+                    o0 += rb
         if stream:
             store_fence()
 
@@ -1138,8 +1161,17 @@ def _backprop_input_nchw(dy, wts, dx, kh_, kw_, sh, sw, dh, dw, pt, pl, tasks, s
             nruns = _runs(soff, woff, t, rowlen, runs)
             slide = 2 * nruns <= t
             wb = c * m_ * taps
+            # prefetch the dy rows after the staged ones (the next unit's, or the next plane's first
+            # ones at the end of this plane) while this unit computes
+            plane_dy = oh_ * ow_
+            pf = plane * m_ * plane_dy + (i0 + amin + nrows) * ow_
+            if pf >= (plane * m_ + 1) * plane_dy:
+                pf = (plane + 1) * m_ * plane_dy
+            pf_end = min(pf + m_ * nrows * ow_, dy.size) if unit + 1 < u1 else pf
+            per = (pf_end - pf) // (64 // dy.itemsize) // ((w_ + L - 1) // L) + 1
             iw = 0
             while iw < w_:
+                pf = _prefetch_some(dy, pf, pf_end, per)
                 count = w_ - iw
                 if count < L and w_ >= L:
                     iw = w_ - L
@@ -1555,7 +1587,7 @@ def forward(x, f, geom, out=None, bias=None, activation="linear"):
             # streaming pays only when rows are whole cache lines and stored straight from registers
             stream = _stream(ys) and (geom.out_width * ys.itemsize) % 64 == 0
             _forward_nchw(xs, np.ascontiguousarray(filt.T).ravel(), b, bias is not None, lo, hi, ys, *geo,
-                          _tasks(units), stream)
+                          _tasks(units), stream, NCHW_STAGE_BYTES // np.dtype(acc).itemsize)
     return _deliver(result, out)
 
 

@@ -134,11 +134,28 @@ def test_block_and_tail_paths(op, fmt):
 def test_channel_groups_and_streaming_stores(op, fmt, monkeypatch):
     """A stage budget of one channel block per group, and non-temporal stores for every size."""
     monkeypatch.setattr(cpu, "STAGE_BYTES", 1)
+    monkeypatch.setattr(cpu, "NCHW_STAGE_BYTES", 1)  # NCHW: one block of rows per work unit
     monkeypatch.setattr(cpu, "STREAM_BYTES", 0)
     rng = np.random.default_rng(2)
     for dtype in (np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.float16)):
         for nhwc, fshape, strides, dilations in PATH_CASES[2:]:
             _check(op, _make(fmt, nhwc, fshape, strides, dilations), dtype, rng)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_nchw_work_units_of_several_blocks(op, monkeypatch):
+    """NCHW work units of two 8-row blocks over 37 output rows: three units, the last one short
+    (5 rows), so it overlaps the previous unit; strides 1 and 2 and a dilated filter."""
+    rng = np.random.default_rng(4)
+    for strides, dilations in (((1, 1), (1, 1)), ((2, 1), (1, 1)), ((1, 2), (2, 1))):
+        cfg = _make("NCHW", (2, 37 * strides[0], 20, 3), (3, 3, 3, 2), strides, dilations)
+        sw, ow = strides[1], -(-20 // strides[1])  # SAME
+        wq = -(-((ow - 1) * sw + 2 * dilations[1] + 1) // sw)
+        rowlen = sw * ((wq + 2 * 16 - 1) // 16 * 16)  # a staged row, as the kernel lays it out
+        staged = (16 - 1) * strides[0] + 2 * dilations[0] + 1
+        monkeypatch.setattr(cpu, "NCHW_STAGE_BYTES", staged * rowlen * 4)
+        assert cpu._chunk_rows.py_func(37, 8, strides[0], 2 * dilations[0] + 1, rowlen, staged * rowlen) == 16
+        _check(op, cfg, np.dtype(np.float32), rng)
 
 
 @pytest.mark.parametrize("fmt", ["NHWC", "NCHW"])
