@@ -1338,24 +1338,28 @@ def _backprop_filter_nhwc(x, dy, partial, kh_, kw_, sh, sw, dh, dw, pt, pl, budg
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
-def _backprop_filter_nchw(x, dy, partial, kh_, kw_, sh, sw, dh, dw, pt, pl):
+def _backprop_filter_nchw(x, dy, partial, kh_, kw_, sh, sw, dh, dw, pt, pl, budget):
     """x (N, C, H, W); dy (N, C*M, OH, OW); partial (T, KH*KW*C*M) zeroed, accumulator dtype,
     [tap][output channel]. Vectors run along the width; eight rows of dy share each tap's
-    accumulator load/store; lanes are summed when a task leaves a plane."""
+    accumulator load/store; a work unit is a run of 8-row blocks of one plane
+    (:func:`_chunk_rows`), staged at once; lanes are summed when a unit ends."""
     tasks = partial.shape[0]
     taps = kh_ * kw_
     n_, c_ = x.shape[0], x.shape[1]
     cm, oh_, ow_ = dy.shape[1], dy.shape[2], dy.shape[3]
     m_ = cm // c_
     L = vlanes(partial)
-    groups = (oh_ + BLOCK - 1) // BLOCK
     eff_h = (kh_ - 1) * dh + 1
     wq = ((ow_ - 1) * sw + (kw_ - 1) * dw + 1 + sw - 1) // sw
     seg = (wq + 2 * L - 1) // L * L  # a phase of a staged row: whole vectors, room for one past the end
     rowlen = sw * seg
-    nrows = (BLOCK - 1) * sh + eff_h
-    units = n_ * c_ * groups
+    crows = _chunk_rows(oh_, BLOCK, sh, eff_h, rowlen, budget)
+    chunks = (oh_ + crows - 1) // crows
+    nrows = ((crows + BLOCK - 1) // BLOCK * BLOCK - 1) * sh + eff_h  # a short last block reads zero rows
+    units = n_ * c_ * chunks
     h_, w_ = x.shape[2], x.shape[3]
+    vecs = (ow_ + L - 1) // L
+    tail = ow_ % L
     flat_x = x.reshape(-1)
     flat_dy = dy.reshape(-1)
     for task in prange(tasks):
@@ -1376,51 +1380,57 @@ def _backprop_filter_nchw(x, dy, partial, kh_, kw_, sh, sw, dh, dw, pt, pl):
         nruns = _runs(soff, aoff, taps, sh * rowlen, runs)
         slide = 2 * nruns <= taps
         for unit in range(u0, u1):
-            plane = unit // groups
-            g = unit - plane * groups
+            plane = unit // chunks
+            k = unit - plane * chunks
             n = plane // c_
             c = plane - n * c_
-            oh0 = g * BLOCK
-            nr = min(BLOCK, oh_ - oh0)
-            needed = (nr - 1) * sh + eff_h
-            _stage_rows_nchw(stage, flat_x, plane * h_ * w_, h_, w_, oh0 * sh - pt, needed, seg, sw, pl)
-            for i in range(needed * rowlen, nrows * rowlen, L):
+            a = k * crows  # dy rows [a, b) of this unit
+            b = min(a + crows, oh_)
+            needed = (b - a - 1) * sh + eff_h
+            _stage_rows_nchw(stage, flat_x, plane * h_ * w_, h_, w_, a * sh - pt, needed, seg, sw, pl)
+            reach = ((b - a + BLOCK - 1) // BLOCK * BLOCK - 1) * sh + eff_h  # rows the last block reads
+            for i in range(needed * rowlen, reach * rowlen, L):
                 vstore(stage, i, zero)
             # the next unit's input rows and dy rows, prefetched while this one computes (without
             # it the reads wait on memory: 5.3 -> 2.2 ms on 8x32x112x112, one thread)
             more = unit + 1 < u1
-            pf, pf_end = _next_unit_nchw(x, more, unit + 1, groups, BLOCK, sh, pt, (BLOCK - 1) * sh + eff_h)
-            qf = ((n * cm + c * m_) * oh_ + oh0 + nr) * ow_ if g + 1 < groups else ((n * cm + (c + 1) * m_) * oh_) * ow_
-            qf_end = min(qf + m_ * BLOCK * ow_, dy.size) if more else qf
-            nvec = m_ * ((ow_ + L - 1) // L)
-            per = (pf_end - pf) // (64 // x.itemsize) // nvec + 1
-            perq = (qf_end - qf) // (64 // dy.itemsize) // nvec + 1
+            pf, pf_end = _next_unit_nchw(x, more, unit + 1, chunks, crows, sh, pt, nrows)
+            nplane = (unit + 1) // chunks
+            na = (unit + 1 - nplane * chunks) * crows
+            qf = (nplane * m_ * oh_ + na) * ow_
+            qf_end = min(qf + min(crows, oh_ - na) * ow_, dy.size) if more else qf
+            calls = m_ * ((b - a + BLOCK - 1) // BLOCK) * vecs
+            per = (pf_end - pf) // (64 // x.itemsize) // calls + 1
+            perq = (qf_end - qf) // (64 // dy.itemsize) // calls + 1
             for q in range(m_):
                 j = c * m_ + q
                 accv[:] = 0
-                dbase = ((n * cm + j) * oh_ + oh0) * ow_
-                for ow in range(0, ow_, L):
-                    count = min(L, ow_ - ow)
-                    d = dbase + ow
-                    pf = _prefetch_some(x, pf, pf_end, per)
-                    qf = _prefetch_some(dy, qf, qf_end, perq)
-                    # Missing rows (nr < 8) have zero dy against zeroed stage rows; a short last
-                    # vector has zero dy lanes and goes to its own accumulator, whose lanes past
-                    # ``count`` (products with whatever the stage holds there) are never summed.
-                    a0 = 0 if count == L else taps * L
-                    d0 = _load_count(flat_dy, d, count)
-                    d1 = _load_count(flat_dy, d + ow_, count) if nr > 1 else zero
-                    d2 = _load_count(flat_dy, d + 2 * ow_, count) if nr > 2 else zero
-                    d3 = _load_count(flat_dy, d + 3 * ow_, count) if nr > 3 else zero
-                    d4 = _load_count(flat_dy, d + 4 * ow_, count) if nr > 4 else zero
-                    d5 = _load_count(flat_dy, d + 5 * ow_, count) if nr > 5 else zero
-                    d6 = _load_count(flat_dy, d + 6 * ow_, count) if nr > 6 else zero
-                    d7 = _load_count(flat_dy, d + 7 * ow_, count) if nr > 7 else zero
-                    if slide:
-                        _grad_slide8(stage, ow, sh * rowlen, runs, nruns, accv, a0, d0, d1, d2, d3, d4, d5, d6, d7)
-                    else:
-                        _grad8(stage, ow, sh * rowlen, soff, aoff, taps, accv, a0, d0, d1, d2, d3, d4, d5, d6, d7)
-                tail = ow_ % L
+                for o0 in range(a, b, BLOCK):
+                    nr = min(BLOCK, b - o0)
+                    so = (o0 - a) * sh * rowlen
+                    dbase = ((n * cm + j) * oh_ + o0) * ow_
+                    for ow in range(0, ow_, L):
+                        count = min(L, ow_ - ow)
+                        d = dbase + ow
+                        pf = _prefetch_some(x, pf, pf_end, per)
+                        qf = _prefetch_some(dy, qf, qf_end, perq)
+                        # Missing rows (nr < 8) have zero dy against zeroed stage rows; a short last
+                        # vector has zero dy lanes and goes to its own accumulator, whose lanes past
+                        # ``count`` (products with whatever the stage holds there) are never summed.
+                        a0 = 0 if count == L else taps * L
+                        d0 = _load_count(flat_dy, d, count)
+                        d1 = _load_count(flat_dy, d + ow_, count) if nr > 1 else zero
+                        d2 = _load_count(flat_dy, d + 2 * ow_, count) if nr > 2 else zero
+                        d3 = _load_count(flat_dy, d + 3 * ow_, count) if nr > 3 else zero
+                        d4 = _load_count(flat_dy, d + 4 * ow_, count) if nr > 4 else zero
+                        d5 = _load_count(flat_dy, d + 5 * ow_, count) if nr > 5 else zero
+                        d6 = _load_count(flat_dy, d + 6 * ow_, count) if nr > 6 else zero
+                        d7 = _load_count(flat_dy, d + 7 * ow_, count) if nr > 7 else zero
+                        p0 = so + ow
+                        if slide:
+                            _grad_slide8(stage, p0, sh * rowlen, runs, nruns, accv, a0, d0, d1, d2, d3, d4, d5, d6, d7)
+                        else:
+                            _grad8(stage, p0, sh * rowlen, soff, aoff, taps, accv, a0, d0, d1, d2, d3, d4, d5, d6, d7)
                 for t in range(taps):
                     s = vsum(vload(accv, t * L))
                     if tail:
@@ -1660,7 +1670,7 @@ def backprop_filter(x, dy, geom, out=None):
             cp = cm
             units = geom.batch * geom.channels * -(-geom.out_height // 8)
             partial = np.zeros((_tasks(units), taps * cp), acc)
-            _backprop_filter_nchw(xs, ys, partial, *geo)
+            _backprop_filter_nchw(xs, ys, partial, *geo, NCHW_STAGE_BYTES // np.dtype(acc).itemsize)
         # Fixed-order reduction over tasks, still in the accumulator dtype; one rounding at the end.
         total = partial[0].copy()
         for t in range(1, partial.shape[0]):
