@@ -1079,13 +1079,24 @@ def _stage_dy_rows_nchw(stage, flat, base, oh_, ow_, oh0, nrows, dst0, rowlen, s
                     stage[_index(d + padu + (ow + i) * sw)] = widen(flat[_index(src + ow + i)])
 
 
+@njit(cache=True)
+def _bpi_phase_rows(h_, sh, r, chunk_budget):
+    """Input rows of stride phase ``r`` (ih = r + sh * i, i < ni), the rows per block and the
+    rows per work unit (whole blocks within ``chunk_budget`` rows, or the whole phase)."""
+    ni = (h_ - r + sh - 1) // sh
+    rb = _rows_per_block(ni)
+    rows = max(rb, chunk_budget // rb * rb)
+    return ni, rb, (ni if rows >= ni else rows)
+
+
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
-def _backprop_input_nchw(dy, wts, dx, kh_, kw_, sh, sw, dh, dw, pt, pl, tasks, stream):
+def _backprop_input_nchw(dy, wts, dx, kh_, kw_, sh, sw, dh, dw, pt, pl, tasks, stream, budget):
     """dy (N, C*M, OH, OW); wts (C*M*KH*KW,) widened, plane-major; dx (N, C, H, W).
 
     Vectors run along the input width over ``dy`` rows upsampled by the column stride (zeros
     between columns, exact for a finite filter); input rows are taken by stride phase
-    (ih = r + sh * i), so that eight consecutive i of one phase share one tap table.
+    (ih = r + sh * i), so that eight consecutive i of one phase share one tap table. A work
+    unit is a run of such blocks of one plane and phase, whose ``dy`` rows are staged at once.
     """
     n_, cm, oh_, ow_ = dy.shape[0], dy.shape[1], dy.shape[2], dy.shape[3]
     c_, h_, w_ = dx.shape[1], dx.shape[2], dx.shape[3]
@@ -1095,13 +1106,15 @@ def _backprop_input_nchw(dy, wts, dx, kh_, kw_, sh, sw, dh, dw, pt, pl, tasks, s
     padu = max(0, (kw_ - 1) * dw - pl)
     # staged dy row: upsampled columns from padu on, whole vectors, room for reads past the end
     rowlen = (max(max(w_, L) + pl + L, sw * ((ow_ + L - 1) // L) * L) + padu + L - 1) // L * L
+    span = ((kh_ - 1) * dh) // sh + 1  # dy rows one input row can read
+    chunk_budget = budget // (m_ * rowlen) - span  # input rows per unit that fit the budget
     phases = min(sh, h_)
     per_plane = 0
+    maxrows = 0
     for r in range(phases):
-        ni = (h_ - r + sh - 1) // sh
-        per_plane += (ni + _rows_per_block(ni) - 1) // _rows_per_block(ni)
-    span = ((kh_ - 1) * dh) // sh + 1  # dy rows one input row can read
-    maxrows = BLOCK + span
+        ni, rb, crows = _bpi_phase_rows(h_, sh, r, chunk_budget)
+        per_plane += (ni + crows - 1) // crows
+        maxrows = max(maxrows, crows + span)
     units = n_ * c_ * per_plane
     flat_dy = dy.reshape(-1)
     flat_dx = dx.reshape(-1)
@@ -1119,16 +1132,15 @@ def _backprop_input_nchw(dy, wts, dx, kh_, kw_, sh, sw, dh, dw, pt, pl, tasks, s
             n = plane // c_
             c = plane - n * c_
             r = 0
-            ni = (h_ + sh - 1) // sh
-            rb = _rows_per_block(ni)
-            while k >= (ni + rb - 1) // rb:
-                k -= (ni + rb - 1) // rb
+            ni, rb, crows = _bpi_phase_rows(h_, sh, r, chunk_budget)
+            while k >= (ni + crows - 1) // crows:
+                k -= (ni + crows - 1) // crows
                 r += 1
-                ni = (h_ - r + sh - 1) // sh
-                rb = _rows_per_block(ni)
-            i0 = k * rb
-            if i0 + rb > ni:
-                i0 = ni - rb  # last group overlaps the previous one
+                ni, rb, crows = _bpi_phase_rows(h_, sh, r, chunk_budget)
+            ia = k * crows  # rows i in [ia, ib) of phase r
+            ib = min(ia + crows, ni)
+            if ib - ia < rb:
+                ia = ib - rb  # a short last unit overlaps the previous one
             # taps of this row phase: input row r + sh * i reads dy row a_kh + i
             amin = oh_ + h_
             amax = -amin
@@ -1137,16 +1149,15 @@ def _backprop_input_nchw(dy, wts, dx, kh_, kw_, sh, sw, dh, dw, pt, pl, tasks, s
                 if u % sh == 0:
                     amin = min(amin, u // sh)
                     amax = max(amax, u // sh)
-            obase = ((n * c_ + c) * h_ + r + sh * i0) * w_
             ostep = sh * w_
             if amax < amin:  # no tap reaches these rows
-                for b in range(rb):
+                for i in range(ia, ib):
                     for iw in range(0, w_, L):
-                        _put(flat_dx, obase + b * ostep + iw, zero, w_ - iw)
+                        _put(flat_dx, ((n * c_ + c) * h_ + r + sh * i) * w_ + iw, zero, w_ - iw)
                 continue
-            nrows = rb + amax - amin
+            nrows = ib - ia + amax - amin
             for q in range(m_):
-                _stage_dy_rows_nchw(stage, flat_dy, (n * cm + c * m_ + q) * oh_ * ow_, oh_, ow_, i0 + amin, nrows,
+                _stage_dy_rows_nchw(stage, flat_dy, (n * cm + c * m_ + q) * oh_ * ow_, oh_, ow_, ia + amin, nrows,
                                     q * nrows * rowlen, rowlen, sw, padu)
             t = 0
             for q in range(m_):
@@ -1164,33 +1175,40 @@ def _backprop_input_nchw(dy, wts, dx, kh_, kw_, sh, sw, dh, dw, pt, pl, tasks, s
             # prefetch the dy rows after the staged ones (the next unit's, or the next plane's first
             # ones at the end of this plane) while this unit computes
             plane_dy = oh_ * ow_
-            pf = plane * m_ * plane_dy + (i0 + amin + nrows) * ow_
+            pf = plane * m_ * plane_dy + (ia + amin + nrows) * ow_
             if pf >= (plane * m_ + 1) * plane_dy:
                 pf = (plane + 1) * m_ * plane_dy
             pf_end = min(pf + m_ * nrows * ow_, dy.size) if unit + 1 < u1 else pf
-            per = (pf_end - pf) // (64 // dy.itemsize) // ((w_ + L - 1) // L) + 1
-            iw = 0
-            while iw < w_:
-                pf = _prefetch_some(dy, pf, pf_end, per)
-                count = w_ - iw
-                if count < L and w_ >= L:
-                    iw = w_ - L
-                    count = L
-                if rb == BLOCK:
-                    if slide:
-                        res = _slide8(stage, iw, rowlen, runs, nruns, wts, wb, True)
+            per = (pf_end - pf) // (64 // dy.itemsize) // ((ib - ia + rb - 1) // rb * ((w_ + L - 1) // L)) + 1
+            i0 = ia
+            while i0 < ib:
+                if i0 + rb > ib:
+                    i0 = ib - rb  # the last block overlaps the previous one
+                so = (i0 - ia) * rowlen
+                iw = 0
+                while iw < w_:
+                    pf = _prefetch_some(dy, pf, pf_end, per)
+                    count = w_ - iw
+                    if count < L and w_ >= L:
+                        iw = w_ - L
+                        count = L
+                    if rb == BLOCK:
+                        if slide:
+                            res = _slide8(stage, so + iw, rowlen, runs, nruns, wts, wb, True)
+                        else:
+                            res = _mac8(stage, so + iw, rowlen, soff, wts, woff, wb, t, True)
+                        _store8(obuf, iw, w_, res, count, False, zero, False, zero, zero, False)
+                    elif rb == 4:
+                        r4 = _mac4(stage, so + iw, rowlen, soff, wts, woff, wb, t, True)
+                        for b in range(4):
+                            _put(obuf, b * w_ + iw, r4[b], count)
                     else:
-                        res = _mac8(stage, iw, rowlen, soff, wts, woff, wb, t, True)
-                    _store8(obuf, iw, w_, res, count, False, zero, False, zero, zero, False)
-                elif rb == 4:
-                    r4 = _mac4(stage, iw, rowlen, soff, wts, woff, wb, t, True)
-                    for b in range(4):
-                        _put(obuf, b * w_ + iw, r4[b], count)
-                else:
-                    _put(obuf, iw, _mac1(stage, iw, soff, wts, woff, wb, t, True), count)
-                iw += L
-            for b in range(rb):
-                _copy_out(flat_dx, obase + b * ostep, obuf, b * w_, w_, stream)
+                        _put(obuf, iw, _mac1(stage, so + iw, soff, wts, woff, wb, t, True), count)
+                    iw += L
+                obase = ((n * c_ + c) * h_ + r + sh * i0) * w_
+                for b in range(rb):
+                    _copy_out(flat_dx, obase + b * ostep, obuf, b * w_, w_, stream)
+                i0 += rb
         if stream:
             store_fence()
 
@@ -1636,7 +1654,8 @@ def backprop_input(f, dy, geom, out=None):
         else:
             wts = np.ascontiguousarray(filt.reshape(kh * kw, c * m).T).ravel()
             _backprop_input_nchw(ys, wts, xs, kh, kw, *geo, _tasks(geom.batch * geom.channels * geom.in_height),
-                                 False)  # measured: streaming NCHW rows did not pay
+                                 False,  # measured: streaming NCHW rows did not pay
+                                 NCHW_STAGE_BYTES // np.dtype(acc).itemsize)
     return _deliver(result, out)
 
 

@@ -145,7 +145,9 @@ def test_channel_groups_and_streaming_stores(op, fmt, monkeypatch):
 @pytest.mark.parametrize("op", OPS)
 def test_nchw_work_units_of_several_blocks(op, monkeypatch):
     """NCHW work units of two 8-row blocks over 37 output rows: three units, the last one short
-    (5 rows), so it overlaps the previous unit; strides 1 and 2 and a dilated filter."""
+    (5 rows), so it overlaps the previous unit (forward) or ends in a short block (backprop
+    filter); backprop input sizes its units from its own staged rows, a few blocks each here.
+    Strides 1 and 2 and a dilated filter."""
     rng = np.random.default_rng(4)
     for strides, dilations in (((1, 1), (1, 1)), ((2, 1), (1, 1)), ((1, 2), (2, 1))):
         cfg = _make("NCHW", (2, 37 * strides[0], 20, 3), (3, 3, 3, 2), strides, dilations)
