@@ -738,11 +738,13 @@ def _stage_rows_nchw(stage, flat, base, h_, w_, ih0, nrows, seg, sw, pl):
                 vstore(stage, dst + i, vzero(stage))
             continue
         src = base + ih * w_
+        # Vectors holding only padding columns are skipped: no row ever writes data there, so
+        # they keep the zeros of the fresh stage (or of a padding row).
         if sw == 1:  # stage column c holds input column c - pl
-            for c0 in range(0, seg, L):
+            for c0 in range(0, min(seg, pl + w_), L):
                 vstore(stage, dst + c0, _load_span(flat, src, c0 - pl, w_))
         elif sw == 2:  # load 2 L consecutive input columns, split them into even and odd
-            for c0 in range(0, seg, L):
+            for c0 in range(0, min(seg, (pl + w_ + 1) // 2), L):
                 first = 2 * c0 - pl
                 a = _load_span(flat, src, first, w_)
                 b = _load_span(flat, src, first + L, w_)
