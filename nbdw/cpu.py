@@ -851,8 +851,8 @@ def _forward_nchw(x, wts, bias, has_bias, lo, hi, out, kh_, kw_, sh, sw, dh, dw,
                                 r = _mac8(stage, so + ow, sh * rowlen, soff, wts, woff, wb, taps, True)
                             if stream:  # line-aligned rows: straight to the output, bypassing the caches
                                 _store8(flat_out, obase + ow, ow_, r, count, True, bv, has_bias, lov, hiv, clamp)
-                            else:
-                                _store8(obuf, ow, ow_, r, count, False, bv, has_bias, lov, hiv, clamp)
+                            else:  # whole vectors: a short row's extra lanes land on the next row, stored after it
+                                _store8(obuf, ow, ow_, r, L, False, bv, has_bias, lov, hiv, clamp)
                         elif rb == 4:
                             r4 = _mac4(stage, so + ow, sh * rowlen, soff, wts, woff, wb, taps, True)
                             for i in range(4):
@@ -1128,6 +1128,7 @@ def _backprop_input_nchw(dy, wts, dx, kh_, kw_, sh, sw, dh, dw, pt, pl, tasks, s
         woff = np.empty(taps * m_, np.int64)
         runs = np.empty((taps * m_, 4), np.int64)
         zero = vzero(wts)
+        table_r, table_rows, t, nruns, slide = -1, -1, 0, 0, False
         for unit in range(u0, u1):
             plane = unit // per_plane
             k = unit - plane * per_plane
@@ -1161,18 +1162,20 @@ def _backprop_input_nchw(dy, wts, dx, kh_, kw_, sh, sw, dh, dw, pt, pl, tasks, s
             for q in range(m_):
                 _stage_dy_rows_nchw(stage, flat_dy, (n * cm + c * m_ + q) * oh_ * ow_, oh_, ow_, ia + amin, nrows,
                                     q * nrows * rowlen, rowlen, sw, padu)
-            t = 0
-            for q in range(m_):
-                for kw in range(kw_):
-                    for kh in range(kh_ - 1, -1, -1):  # dy rows ascend: runs when dh == sh
-                        u = r + pt - kh * dh
-                        if u % sh != 0:
-                            continue
-                        soff[t] = (q * nrows + u // sh - amin) * rowlen + pl - kw * dw + padu
-                        woff[t] = q * taps + kh * kw_ + kw
-                        t += 1
-            nruns = _runs(soff, woff, t, rowlen, runs)
-            slide = 2 * nruns <= t
+            if r != table_r or nrows != table_rows:  # the tap table depends on the phase and unit size only
+                table_r, table_rows = r, nrows
+                t = 0
+                for q in range(m_):
+                    for kw in range(kw_):
+                        for kh in range(kh_ - 1, -1, -1):  # dy rows ascend: runs when dh == sh
+                            u = r + pt - kh * dh
+                            if u % sh != 0:
+                                continue
+                            soff[t] = (q * nrows + u // sh - amin) * rowlen + pl - kw * dw + padu
+                            woff[t] = q * taps + kh * kw_ + kw
+                            t += 1
+                nruns = _runs(soff, woff, t, rowlen, runs)
+                slide = 2 * nruns <= t
             wb = c * m_ * taps
             # prefetch the dy rows after the staged ones (the next unit's, or the next plane's first
             # ones at the end of this plane) while this unit computes
@@ -1199,7 +1202,8 @@ def _backprop_input_nchw(dy, wts, dx, kh_, kw_, sh, sw, dh, dw, pt, pl, tasks, s
                             res = _slide8(stage, so + iw, rowlen, runs, nruns, wts, wb, True)
                         else:
                             res = _mac8(stage, so + iw, rowlen, soff, wts, woff, wb, t, True)
-                        _store8(obuf, iw, w_, res, count, False, zero, False, zero, zero, False)
+                        # whole vectors: a short row's extra lanes land on the next row, stored after it
+                        _store8(obuf, iw, w_, res, L, False, zero, False, zero, zero, False)
                     elif rb == 4:
                         r4 = _mac4(stage, so + iw, rowlen, soff, wts, woff, wb, t, True)
                         for b in range(4):
@@ -1208,8 +1212,11 @@ def _backprop_input_nchw(dy, wts, dx, kh_, kw_, sh, sw, dh, dw, pt, pl, tasks, s
                         _put(obuf, iw, _mac1(stage, so + iw, soff, wts, woff, wb, t, True), count)
                     iw += L
                 obase = ((n * c_ + c) * h_ + r + sh * i0) * w_
-                for b in range(rb):
-                    _copy_out(flat_dx, obase + b * ostep, obuf, b * w_, w_, stream)
+                if sh == 1:  # the block's rows are consecutive in dx: one copy, no masked tail per row
+                    _copy_out(flat_dx, obase, obuf, 0, rb * w_, stream)
+                else:
+                    for b in range(rb):
+                        _copy_out(flat_dx, obase + b * ostep, obuf, b * w_, w_, stream)
                 i0 += rb
         if stream:
             store_fence()
