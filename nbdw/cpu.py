@@ -351,6 +351,20 @@ def _grad8(src, p0, bs, soff, aoff, ntaps, acc, a0, d0, d1, d2, d3, d4, d5, d6, 
 
 
 @njit(cache=True, fastmath=FASTMATH)
+def _grad4(src, p0, bs, soff, aoff, ntaps, acc, a0, d0, d1, d2, d3):
+    """:func:`_grad8` for four vectors (the short end of a row)."""
+    for t in range(ntaps):
+        p = p0 + soff[t]
+        o = a0 + aoff[t]
+        a = vload(acc, o)
+        a = vfma(vload(src, p), d0, a)
+        a = vfma(vload(src, p + bs), d1, a)
+        a = vfma(vload(src, p + 2 * bs), d2, a)
+        a = vfma(vload(src, p + 3 * bs), d3, a)
+        vstore(acc, o, a)
+
+
+@njit(cache=True, fastmath=FASTMATH)
 def _grad_slide8(src, p0, bs, runs, nruns, acc, a0, d0, d1, d2, d3, d4, d5, d6, d7):
     """:func:`_grad8` over runs of taps (see :func:`_slide8`): ``runs[r]`` = (stage offset,
     accumulator offset, accumulator step, length); one new input load per further tap."""
@@ -1358,6 +1372,12 @@ def _backprop_filter_nhwc(x, dy, partial, kh_, kw_, sh, sw, dh, dw, pt, pl, budg
                         else:
                             _grad8(stage, sb + ow * L, L, soff, aoff, taps, acc, wb, d0, d1, d2, d3, d4, d5, d6, d7)
                         ow += BLOCK
+                    if ow + 4 <= ow_:  # the end of the row: four pixels, then single ones
+                        d = (drow + ow) * cm + wb
+                        _grad4(stage, sb + ow * L, L, soff, aoff, taps, acc, wb, _load_count(dy, d, count),
+                               _load_count(dy, d + cm, count), _load_count(dy, d + 2 * cm, count),
+                               _load_count(dy, d + 3 * cm, count))
+                        ow += 4
                     while ow < ow_:
                         dv = _load_count(dy, (drow + ow) * cm + wb, count)
                         _grad1(stage, sb + ow * L, soff, aoff, taps, acc, wb, dv, L)
