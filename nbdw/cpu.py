@@ -1104,13 +1104,13 @@ def _stage_dy_rows_nchw(stage, flat, base, oh_, ow_, oh0, nrows, dst0, rowlen, s
 
 
 @njit(cache=True)
-def _bpi_phase_rows(h_, sh, r, chunk_budget):
+def _bpi_phase_rows(h_, sh, r, span, rowlen, budget):
     """Input rows of stride phase ``r`` (ih = r + sh * i, i < ni), the rows per block and the
-    rows per work unit (whole blocks within ``chunk_budget`` rows, or the whole phase)."""
+    rows per work unit (:func:`_chunk_rows`: consecutive i read consecutive staged dy rows, and
+    one i reads ``span`` of them)."""
     ni = (h_ - r + sh - 1) // sh
     rb = _rows_per_block(ni)
-    rows = max(rb, chunk_budget // rb * rb)
-    return ni, rb, (ni if rows >= ni else rows)
+    return ni, rb, _chunk_rows(ni, rb, 1, span, rowlen, budget)
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
@@ -1131,12 +1131,11 @@ def _backprop_input_nchw(dy, wts, dx, kh_, kw_, sh, sw, dh, dw, pt, pl, tasks, s
     # staged dy row: upsampled columns from padu on, whole vectors, room for reads past the end
     rowlen = (max(max(w_, L) + pl + L, sw * ((ow_ + L - 1) // L) * L) + padu + L - 1) // L * L
     span = ((kh_ - 1) * dh) // sh + 1  # dy rows one input row can read
-    chunk_budget = budget // (m_ * rowlen) - span  # input rows per unit that fit the budget
     phases = min(sh, h_)
     per_plane = 0
     maxrows = 0
     for r in range(phases):
-        ni, rb, crows = _bpi_phase_rows(h_, sh, r, chunk_budget)
+        ni, rb, crows = _bpi_phase_rows(h_, sh, r, span, m_ * rowlen, budget)
         per_plane += (ni + crows - 1) // crows
         maxrows = max(maxrows, crows + span)
     units = n_ * c_ * per_plane
@@ -1157,11 +1156,11 @@ def _backprop_input_nchw(dy, wts, dx, kh_, kw_, sh, sw, dh, dw, pt, pl, tasks, s
             n = plane // c_
             c = plane - n * c_
             r = 0
-            ni, rb, crows = _bpi_phase_rows(h_, sh, r, chunk_budget)
+            ni, rb, crows = _bpi_phase_rows(h_, sh, r, span, m_ * rowlen, budget)
             while k >= (ni + crows - 1) // crows:
                 k -= (ni + crows - 1) // crows
                 r += 1
-                ni, rb, crows = _bpi_phase_rows(h_, sh, r, chunk_budget)
+                ni, rb, crows = _bpi_phase_rows(h_, sh, r, span, m_ * rowlen, budget)
             ia = k * crows  # rows i in [ia, ib) of phase r
             ib = min(ia + crows, ni)
             if ib - ia < rb:
