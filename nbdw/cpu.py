@@ -59,7 +59,7 @@ from numba import njit, prange, types
 from numba.extending import intrinsic, overload
 
 from . import spec
-from .simd import (prefetch, store_fence, vadd, vbroadcast, vclamp, veven, vfma, vlanes, vload, vload_lanes, vload_n,
+from .simd import (prefetch, prefetch_write, store_fence, vadd, vbroadcast, vclamp, veven, vfma, vlanes, vload, vload_lanes, vload_n,
                    vodd, vrepeat2, vrepeat4, vrepeat8, vsplat, vstore, vstore_n, vstream, vsum, vzero, vzip_hi,
                    vzip_lo)
 
@@ -514,15 +514,18 @@ def _copy_out(dst, o, src, s, count, stream):
 
 
 @njit(cache=True)
-def _prefetch_some(arr, pf, end, count):
-    """Prefetch up to ``count`` cache lines of ``arr`` from element ``pf`` (below ``end``);
-    returns where to continue. Spread over a row's blocks, this overlaps the next row's reads
-    with the current row's arithmetic."""
+def _prefetch_some(arr, pf, end, count, write=False):
+    """Prefetch up to ``count`` cache lines of ``arr`` from element ``pf`` (below ``end``),
+    for writing with ``write``; returns where to continue. Spread over a row's blocks, this
+    overlaps the next row's memory traffic with the current row's arithmetic."""
     step = 64 // arr.itemsize
     for _ in range(count):
         if pf >= end:
             break
-        prefetch(arr, pf)
+        if write:
+            prefetch_write(arr, pf)
+        else:
+            prefetch(arr, pf)
         pf += step
     return pf
 
@@ -687,6 +690,11 @@ def _forward_nhwc(x, wts, bias, has_bias, lo, hi, out, kh_, kw_, sh, sw, dh, dw,
                 pf, pf_end = _next_rows_nhwc(x, n, oh + 1, oh_, sh, pt, (kh_ - 1) * dh, min(sh, eff_h),
                                              row + 2 < r1 and g1 - g0 == blocks)
                 per = (pf_end - pf) // (64 // x.itemsize) // ((ow_ + BLOCK - 1) // BLOCK * (g1 - g0)) + 1
+                # unless streaming, the next output row is fetched for ownership while this one
+                # computes; each store would wait on it (8x56x56x144, one thread: 3.6 -> 2.2 ms)
+                wf = (orow + ow_) * cm
+                wf_end = wf + ow_ * cm if not stream and row + 1 < r1 and g1 - g0 == blocks else wf
+                wper = (wf_end - wf) // (64 // out.itemsize) // ((ow_ + BLOCK - 1) // BLOCK * (g1 - g0)) + 1
                 for cb in range(g0, g1):
                     sb = (cb - g0) * cbstride
                     wb = cb * L
@@ -703,6 +711,7 @@ def _forward_nhwc(x, wts, bias, has_bias, lo, hi, out, kh_, kw_, sh, sw, dh, dw,
                                 r = _mac8(stage, sb + ow * L, L, soff, wts, woff, wb, t, False)
                             _store8(out, (orow + ow) * cm + wb, cm, r, count, stream, bv, has_bias, lov, hiv, clamp)
                             pf = _prefetch_some(x, pf, pf_end, per)
+                            wf = _prefetch_some(out, wf, wf_end, wper, True)
                             ow += BLOCK
                         elif ow_ >= 4:
                             if ow + 4 > ow_:
@@ -964,6 +973,10 @@ def _backprop_input_nhwc(dy, wts, dx, kh_, kw_, sh, sw, dh, dw, pt, pl, tasks, g
                     pf = (n * oh_ + u // sh) * ow_ * cm
                     pf_end = pf + ow_ * cm
                 per = (pf_end - pf) // (64 // dy.itemsize) // (((w_ + BLOCK - 1) // BLOCK) * (g1 - g0)) + 1
+                # unless streaming, the next dx row is fetched for ownership (as in the forward)
+                wf = (xrow + w_) * c_
+                wf_end = wf + w_ * c_ if not stream and row + 1 < r1 and g1 - g0 == blocks else wf
+                wper = (wf_end - wf) // (64 // dx.itemsize) // (((w_ + BLOCK - 1) // BLOCK) * (g1 - g0)) + 1
                 for r in range(min(sw, w_)):
                     t = 0
                     for kh in range(kh_):
@@ -1001,6 +1014,7 @@ def _backprop_input_nhwc(dy, wts, dx, kh_, kw_, sh, sw, dh, dw, pt, pl, tasks, g
                                         res = _mac8(stage, sb + i * L, L, soff, wts, woff, wb, t, False)
                                     _store8(dx, o, step, res, count, stream, zero, False, zero, zero, False)
                                 pf = _prefetch_some(dy, pf, pf_end, per)
+                                wf = _prefetch_some(dx, wf, wf_end, wper, True)
                                 i += BLOCK
                             else:
                                 a = _mac1(stage, sb + i * L, soff, wts, woff, wb, t, False)

@@ -323,21 +323,32 @@ def vsum(typingctx, v):
     return v.dtype(v), codegen
 
 
-@intrinsic
-def prefetch(typingctx, arr, offset):
-    """Hint that element ``offset`` of ``arr`` will be read soon (fetched into all cache levels)."""
-    if not isinstance(arr, types.Array) or arr.layout != "C" or not isinstance(offset, types.Integer):
-        return None
+def _prefetch_intrinsic(name, write, doc):
+    def typer(typingctx, arr, offset):
+        if not isinstance(arr, types.Array) or arr.layout != "C" or not isinstance(offset, types.Integer):
+            return None
 
-    def codegen(context, builder, sig, args):
-        ary = context.make_array(sig.args[0])(context, builder, args[0])
-        ptr = builder.bitcast(builder.gep(ary.data, [args[1]]), ir.PointerType(ir.IntType(8)))
-        fn = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(ir.VoidType(), [ptr.type, _I32, _I32, _I32]), "llvm.prefetch.p0")
-        builder.call(fn, [ptr, ir.Constant(_I32, 0), ir.Constant(_I32, 2), ir.Constant(_I32, 1)])
-        return context.get_dummy_value()
+        def codegen(context, builder, sig, args):
+            ary = context.make_array(sig.args[0])(context, builder, args[0])
+            ptr = builder.bitcast(builder.gep(ary.data, [args[1]]), ir.PointerType(ir.IntType(8)))
+            fn = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(ir.VoidType(), [ptr.type, _I32, _I32, _I32]), "llvm.prefetch.p0")
+            builder.call(fn, [ptr, ir.Constant(_I32, int(write)), ir.Constant(_I32, 2), ir.Constant(_I32, 1)])
+            return context.get_dummy_value()
 
-    return types.none(arr, offset), codegen
+        return types.none(arr, offset), codegen
+
+    typer.__name__ = name
+    typer.__doc__ = doc
+    return intrinsic(typer)
+
+
+prefetch = _prefetch_intrinsic(
+    "prefetch", False, "Hint that element ``offset`` of ``arr`` will be read soon (fetched into all cache levels).")
+prefetch_write = _prefetch_intrinsic(
+    "prefetch_write", True,
+    "Hint that element ``offset`` of ``arr`` will be written soon: its line is fetched for ownership "
+    "ahead of time, so that the store that follows does not wait for it.")
 
 
 @intrinsic
