@@ -35,7 +35,10 @@ Large results reuse the memory of dropped earlier ones (:class:`_ResultPool`), w
 the operating system's zeroing of fresh pages.
 
 The vectors are explicit (:mod:`nbdw.simd`): 16 float32 or 8 float64 lanes, over channels in
-NHWC and over width in NCHW. Backprop filter keeps per-task partial sums (one per tap and
+NHWC and over width in NCHW. An NHWC forward with fewer channels than lanes (multiplier 1, column
+stride 1) treats each row as one flat run of width x channels values instead, with the filter
+as a pattern repeating every C lanes (:func:`_forward_nhwc_narrow`): 3 channels would otherwise
+leave 13 of 16 lanes idle. Backprop filter keeps per-task partial sums (one per tap and
 channel) in cache, adds eight pixels per tap per load/store of the accumulator, and reduces
 the per-task partials once, in task order: bitwise repeatable for a given thread count.
 Backprop input stays a gather: each input element is computed whole by one task.
@@ -727,6 +730,85 @@ def _forward_nhwc(x, wts, bias, has_bias, lo, hi, out, kh_, kw_, sh, sw, dh, dw,
                             ow += 1
         if stream:
             store_fence()
+
+
+@njit(parallel=True, cache=True, fastmath=FASTMATH)
+def _forward_nhwc_narrow(x, wpat, bpat, has_bias, lo, hi, out, kh_, kw_, sh, dh, dw, pt, pl, tasks):
+    """NHWC forward for fewer channels than a vector has lanes (multiplier 1, column stride 1),
+    with every lane at work: a row of C channels per pixel is one flat run of W * C values.
+
+    Output element ``j = ow * C + c`` of a row reads element ``j + kw * dw * C`` of a staged input
+    row (``pl * C`` zeros in front of the data), times the filter of channel ``j % C``. For the
+    vector starting at ``j0 = v * L`` that channel pattern is phase ``(j0 % C) // g`` of
+    ``P = C / g`` (``g = gcd(L, C)``): ``wpat`` (P, KH*KW, L) and ``bpat`` (P, L) hold the
+    patterns. Vectors ``P`` apart share a phase, so the micro-kernels block them: eight, then
+    four, then single vectors; a short last vector is stored by its live lanes only.
+    """
+    n_, h_, w_, c_ = x.shape
+    oh_, ow_ = out.shape[1], out.shape[2]
+    L = vlanes(wpat)
+    P = wpat.shape[0]
+    g = c_ // P
+    taps = kh_ * kw_
+    eff_h = (kh_ - 1) * dh + 1
+    R = ow_ * c_  # one output row, flat
+    nfull = R // L  # whole vectors of a row; a partial one may follow
+    reach = max((nfull + 1) * L + (kw_ - 1) * dw * c_, pl * c_ + (w_ * c_ + L - 1) // L * L)
+    slotlen = (reach + L - 1) // L * L + L  # a staged row, whole vectors, +L against 4K aliasing
+    flat_x = x.reshape(-1)
+    flat_out = out.reshape(-1)
+    rows = n_ * oh_
+    for task in prange(tasks):
+        r0, r1 = _split(task, tasks, rows)
+        stage = _aligned_zeros((eff_h + 1) * slotlen, wpat)  # a ring of eff_h rows and a zero row
+        held = np.empty(eff_h, np.int64)
+        held[:] = -1
+        soff = np.empty(taps, np.int64)
+        woff = np.empty(taps, np.int64)
+        lov = vsplat(wpat, lo)
+        hiv = vsplat(wpat, hi)
+        clamp = not (lo == -np.inf and hi == np.inf)
+        for row in range(r0, r1):
+            n = row // oh_
+            oh = row - n * oh_
+            t = 0
+            for kh in range(kh_):
+                ih = oh * sh - pt + kh * dh
+                slot = eff_h
+                if 0 <= ih < h_:
+                    slot = ih % eff_h
+                    if held[slot] != n * h_ + ih:
+                        held[slot] = n * h_ + ih
+                        src = (n * h_ + ih) * w_ * c_
+                        dst = slot * slotlen + pl * c_
+                        for i in range(0, w_ * c_, L):
+                            vstore(stage, dst + i, _load_count(flat_x, src + i, w_ * c_ - i))
+                for kw in range(kw_):
+                    soff[t] = slot * slotlen + kw * dw * c_
+                    woff[t] = (kh * kw_ + kw) * L
+                    t += 1
+            o = row * R
+            v = 0
+            while v + 8 * P <= nfull:
+                for q in range(P):
+                    ph = (((v + q) * L) % c_) // g
+                    r = _mac8(stage, (v + q) * L, P * L, soff, wpat, woff, ph * taps * L, taps, False)
+                    _store8(flat_out, o + (v + q) * L, P * L, r, L, False, vload(bpat, ph * L), has_bias, lov, hiv,
+                            clamp)
+                v += 8 * P
+            while v + 4 * P <= nfull:
+                for q in range(P):
+                    ph = (((v + q) * L) % c_) // g
+                    bv = vload(bpat, ph * L)
+                    r4 = _mac4(stage, (v + q) * L, P * L, soff, wpat, woff, ph * taps * L, taps, False)
+                    for b in range(4):
+                        _put(flat_out, o + (v + q + b * P) * L, _finish(r4[b], bv, has_bias, lov, hiv), L)
+                v += 4 * P
+            while v * L < R:
+                ph = ((v * L) % c_) // g
+                a = _mac1(stage, v * L, soff, wpat, woff, ph * taps * L, taps, False)
+                _put(flat_out, o + v * L, _finish(a, vload(bpat, ph * L), has_bias, lov, hiv), R - v * L)
+                v += 1
 
 
 @njit(cache=True)
@@ -1661,7 +1743,16 @@ def forward(x, f, geom, out=None, bias=None, activation="linear"):
         xs, ys = _kernel_view(x, dtype), result.view(spec.storage_dtype(dtype))
         geo = (geom.filter_height, geom.filter_width, geom.stride_h, geom.stride_w,
                geom.dilation_h, geom.dilation_w, geom.pad_top, geom.pad_left)
-        if geom.data_format == "NHWC":
+        if geom.data_format == "NHWC" and cm == geom.channels and geom.stride_w == 1 and cm < _lanes(acc):
+            # fewer channels than lanes: whole rows as flat vectors, channel patterns as weights
+            lanes = _lanes(acc)
+            g = math.gcd(lanes, cm)
+            phases = (np.arange(cm // g)[:, None] * g + np.arange(lanes)[None, :]) % cm
+            wpat = np.ascontiguousarray(filt[:, phases].transpose(1, 0, 2))  # (P, taps, L)
+            _forward_nhwc_narrow(xs, wpat, np.ascontiguousarray(b[phases]), bias is not None, lo, hi, ys,
+                                 geom.filter_height, geom.filter_width, geom.stride_h, geom.dilation_h,
+                                 geom.dilation_w, geom.pad_top, geom.pad_left, _tasks(geom.batch * geom.out_height))
+        elif geom.data_format == "NHWC":
             cp = -(-cm // _lanes(acc)) * _lanes(acc)
             wts = _padded_taps(filt, cp, acc).ravel()
             bp = _padded_taps(b[None], cp, acc)[0]

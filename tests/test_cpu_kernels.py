@@ -5,7 +5,8 @@ nbdw/cpu.py is taken: the NHWC pixel blocks (8 with an overlapping last block, 4
 pixels), channel tails (masked vectors), several channel groups per stage (forced by a small
 STAGE_BYTES), non-temporal stores (forced by STREAM_BYTES = 0), the NCHW row blocks (8, 4, 1),
 stride-phase staging (vector paths for strides 1 and 2, scalar for 3), the multiplier's
-staging (lane shuffles for 2, 4 and 8, scalar otherwise), the exact backprop-input kernel for non-finite filters, float64's 8-lane
+staging (lane shuffles for 2, 4 and 8, scalar otherwise), the flat-row forward for fewer channels
+than lanes, the exact backprop-input kernel for non-finite filters, float64's 8-lane
 vectors, zero sizes, and the fused bias/clamp epilogue. The kernels use no per-filter-size
 specialisation: every filter size runs the same compiled code.
 """
@@ -158,6 +159,39 @@ def test_nchw_work_units_of_several_blocks(op, monkeypatch):
         monkeypatch.setattr(cpu, "NCHW_STAGE_BYTES", staged * rowlen * 4)
         assert cpu._chunk_rows.py_func(37, 8, strides[0], 2 * dilations[0] + 1, rowlen, staged * rowlen) == 16
         _check(op, cfg, np.dtype(np.float32), rng)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.name)
+def test_forward_with_fewer_channels_than_lanes(dtype, monkeypatch):
+    """NHWC forward with C below the lane count and multiplier 1 runs on flat rows
+    (``_forward_nhwc_narrow``): channel counts whose pattern phases number 1 (C divides the
+    lanes) to C, rows long enough for its 8-vector blocks (>= 128 pixels) and short ones (4-vector
+    blocks, single vectors, a partial last vector), row strides, dilations, explicit padding and
+    the fused epilogue."""
+    calls = []
+    narrow = cpu._forward_nhwc_narrow
+    monkeypatch.setattr(cpu, "_forward_nhwc_narrow", lambda *a: calls.append(1) or narrow(*a))
+    rng = np.random.default_rng(7)
+    lanes = 64 // cpu.spec.accumulator_dtype(dtype).itemsize
+    cases = [((2, 5, 131, 3), (3, 3), (1, 1), (1, 1), "SAME"),
+             ((1, 4, 140, 1), (1, 5), (2, 1), (1, 2), "SAME"),
+             ((2, 7, 29, 5), (3, 2), (1, 1), (2, 3), "EXPLICIT"),
+             ((1, 3, 150, 12), (2, 3), (1, 1), (1, 1), "VALID"),
+             ((1, 6, 9, lanes - 1), (5, 5), (2, 1), (1, 1), "SAME"),
+             ((3, 2, 2, 2), (3, 3), (1, 1), (1, 1), "SAME")]
+    for nhwc, (kh, kw), strides, dilations, kind in cases:
+        c = nhwc[3]
+        cfg = _make("NHWC", nhwc, (kh, kw, c, 1), strides, dilations, kind, ((1, 2), (3, 0)))
+        _check("forward", cfg, dtype, rng)
+        _check("forward", cfg, dtype, rng, bias=(3 * rng.standard_normal(c)).astype(dtype), activation="relu6")
+    narrow_cases = sum(nhwc[3] < lanes for nhwc, *_ in cases)  # 12 channels fill float64's 8 lanes
+    assert narrow_cases >= 5 and len(calls) == 2 * narrow_cases
+    # more channels than lanes, a multiplier, or a column stride take the general kernel
+    for cfg in (_make("NHWC", (1, 4, 20, lanes + 1), (3, 3, lanes + 1, 1), (1, 1), (1, 1)),
+                _make("NHWC", (1, 4, 20, 3), (3, 3, 3, 2), (1, 1), (1, 1)),
+                _make("NHWC", (1, 4, 20, 3), (3, 3, 3, 1), (1, 2), (1, 1))):
+        _check("forward", cfg, dtype, rng)
+    assert len(calls) == 2 * narrow_cases
 
 
 @pytest.mark.parametrize("fmt", ["NHWC", "NCHW"])
