@@ -216,13 +216,14 @@ def _split(task, tasks, units):
 
 
 @njit(cache=True, fastmath=FASTMATH)
-def _mac8(src, p0, bs, soff, wts, woff, wb, ntaps, bcast):
+def _mac8(src, p0, bs, soff, wts, woff, wb, ntaps, bcast, nb=8):
     """Eight accumulators ``a_b = sum_t src[p0 + b * bs + soff[t]:][:L] * w_t`` for b = 0..7.
 
     ``w_t`` is the vector ``wts[woff[t] + wb:][:L]`` or, with ``bcast``, the scalar
     ``wts[woff[t] + wb]`` in every lane. One base address per tap, constant displacements
     (``bs`` is a compile-time constant for NHWC), so the loop is eight FMAs with memory operands
-    and one weight load.
+    and one weight load. ``nb = 7`` (a constant at the call site) leaves ``a7`` zero and reads
+    nothing for it: rows of 7k pixels then need no overlapping last block.
     """
     a0 = vzero(src)
     a1 = a0
@@ -242,17 +243,18 @@ def _mac8(src, p0, bs, soff, wts, woff, wb, ntaps, bcast):
         a4 = vfma(vload(src, p + 4 * bs), wv, a4)
         a5 = vfma(vload(src, p + 5 * bs), wv, a5)
         a6 = vfma(vload(src, p + 6 * bs), wv, a6)
-        a7 = vfma(vload(src, p + 7 * bs), wv, a7)
+        if nb == 8:
+            a7 = vfma(vload(src, p + 7 * bs), wv, a7)
     return a0, a1, a2, a3, a4, a5, a6, a7
 
 
 @njit(cache=True, fastmath=FASTMATH)
-def _slide8(src, p0, bs, runs, nruns, wts, wb, bcast):
+def _slide8(src, p0, bs, runs, nruns, wts, wb, bcast, nb=8):
     """:func:`_mac8` over runs of taps whose inputs lie one vector (``bs``) apart: the eight
     input vectors slide along a run, so each further tap of the run costs one load instead of
     eight (NHWC: the taps of a filter row; NCHW: of a filter column, as the block runs down
-    rows). ``runs[r]`` = (stage offset, weight offset, weight step, length); ``bcast`` as in
-    :func:`_mac8`."""
+    rows). ``runs[r]`` = (stage offset, weight offset, weight step, length); ``bcast`` and
+    ``nb`` as in :func:`_mac8`."""
     a0 = vzero(src)
     a1 = a0
     a2 = a0
@@ -270,9 +272,13 @@ def _slide8(src, p0, bs, runs, nruns, wts, wb, bcast):
         x3 = vload(src, p + 3 * bs)
         x4 = vload(src, p + 4 * bs)
         x5 = vload(src, p + 5 * bs)
-        x6 = vload(src, p + 6 * bs)
+        x6 = vload(src, p + 6 * bs) if nb == 8 else x5
         for k in range(runs[r, 3]):
-            x7 = vload(src, p + (7 + k) * bs)
+            if nb == 8:
+                x7 = vload(src, p + (7 + k) * bs)
+            else:  # seven vectors: the new one is x6
+                x6 = vload(src, p + (6 + k) * bs)
+                x7 = x6
             wv = vbroadcast(wts, w) if bcast else vload(wts, w)
             a0 = vfma(x0, wv, a0)
             a1 = vfma(x1, wv, a1)
@@ -281,7 +287,8 @@ def _slide8(src, p0, bs, runs, nruns, wts, wb, bcast):
             a4 = vfma(x4, wv, a4)
             a5 = vfma(x5, wv, a5)
             a6 = vfma(x6, wv, a6)
-            a7 = vfma(x7, wv, a7)
+            if nb == 8:
+                a7 = vfma(x7, wv, a7)
             x0 = x1
             x1 = x2
             x2 = x3
@@ -291,6 +298,13 @@ def _slide8(src, p0, bs, runs, nruns, wts, wb, bcast):
             x6 = x7
             w += runs[r, 2]
     return a0, a1, a2, a3, a4, a5, a6, a7
+
+
+@njit(cache=True)
+def _sevens(width):
+    """Whether an NHWC row of ``width`` pixels goes in blocks of seven (14, 28, ...: no
+    overlapping last block, no 4- and 1-pixel tail) rather than eight."""
+    return width % BLOCK != 0 and width % 7 == 0
 
 
 @njit(cache=True)
@@ -343,11 +357,12 @@ def _mac1(src, p0, soff, wts, woff, wb, ntaps, bcast):
 
 
 @njit(cache=True, fastmath=FASTMATH)
-def _grad8(src, p0, bs, soff, aoff, ntaps, acc, a0, d0, d1, d2, d3, d4, d5, d6, d7):
+def _grad8(src, p0, bs, soff, aoff, ntaps, acc, a0, d0, d1, d2, d3, d4, d5, d6, d7, nb=8):
     """Backprop filter: ``acc[a0 + aoff[t]:][:L] += sum_b src[p0 + b * bs + soff[t]:][:L] * d_b``.
 
     The eight output-gradient vectors stay in registers across the taps; each tap's
-    accumulator is loaded and stored once per eight products.
+    accumulator is loaded and stored once per eight products. ``nb = 7`` ignores ``d7``
+    and reads nothing for it (see :func:`_mac8`).
     """
     for t in range(ntaps):
         p = p0 + soff[t]
@@ -360,7 +375,8 @@ def _grad8(src, p0, bs, soff, aoff, ntaps, acc, a0, d0, d1, d2, d3, d4, d5, d6, 
         a = vfma(vload(src, p + 4 * bs), d4, a)
         a = vfma(vload(src, p + 5 * bs), d5, a)
         a = vfma(vload(src, p + 6 * bs), d6, a)
-        a = vfma(vload(src, p + 7 * bs), d7, a)
+        if nb == 8:
+            a = vfma(vload(src, p + 7 * bs), d7, a)
         vstore(acc, o, a)
 
 
@@ -379,7 +395,7 @@ def _grad4(src, p0, bs, soff, aoff, ntaps, acc, a0, d0, d1, d2, d3):
 
 
 @njit(cache=True, fastmath=FASTMATH)
-def _grad_slide8(src, p0, bs, runs, nruns, acc, a0, d0, d1, d2, d3, d4, d5, d6, d7):
+def _grad_slide8(src, p0, bs, runs, nruns, acc, a0, d0, d1, d2, d3, d4, d5, d6, d7, nb=8):
     """:func:`_grad8` over runs of taps (see :func:`_slide8`): ``runs[r]`` = (stage offset,
     accumulator offset, accumulator step, length); one new input load per further tap."""
     for r in range(nruns):
@@ -391,9 +407,13 @@ def _grad_slide8(src, p0, bs, runs, nruns, acc, a0, d0, d1, d2, d3, d4, d5, d6, 
         x3 = vload(src, p + 3 * bs)
         x4 = vload(src, p + 4 * bs)
         x5 = vload(src, p + 5 * bs)
-        x6 = vload(src, p + 6 * bs)
+        x6 = vload(src, p + 6 * bs) if nb == 8 else x5
         for k in range(runs[r, 3]):
-            x7 = vload(src, p + (7 + k) * bs)
+            if nb == 8:
+                x7 = vload(src, p + (7 + k) * bs)
+            else:  # seven vectors: the new one is x6
+                x6 = vload(src, p + (6 + k) * bs)
+                x7 = x6
             a = vload(acc, o)
             a = vfma(x0, d0, a)
             a = vfma(x1, d1, a)
@@ -402,7 +422,8 @@ def _grad_slide8(src, p0, bs, runs, nruns, acc, a0, d0, d1, d2, d3, d4, d5, d6, 
             a = vfma(x4, d4, a)
             a = vfma(x5, d5, a)
             a = vfma(x6, d6, a)
-            a = vfma(x7, d7, a)
+            if nb == 8:
+                a = vfma(x7, d7, a)
             vstore(acc, o, a)
             x0 = x1
             x1 = x2
@@ -435,11 +456,11 @@ def _put(dst, o, v, count):
 
 
 @njit(cache=True, fastmath=FASTMATH)
-def _store8(dst, o, step, r, count, stream, bv, has_bias, lov, hiv, clamp):
+def _store8(dst, o, step, r, count, stream, bv, has_bias, lov, hiv, clamp, nb=8):
     """Store the eight vectors ``r`` at ``o + b * step`` (first ``count`` lanes), after the
     forward epilogue (bias add when ``has_bias``, clamp to [lo, hi] when ``clamp``); with
     ``stream``, full vectors at aligned offsets bypass the caches. The conditions are tested
-    once for the eight stores."""
+    once for the eight stores. ``nb = 7`` stores the first seven only."""
     a0, a1, a2, a3, a4, a5, a6, a7 = r
     if has_bias:
         a0 = vadd(a0, bv)
@@ -468,7 +489,8 @@ def _store8(dst, o, step, r, count, stream, bv, has_bias, lov, hiv, clamp):
         vstore_n(dst, o + 4 * step, a4, count)
         vstore_n(dst, o + 5 * step, a5, count)
         vstore_n(dst, o + 6 * step, a6, count)
-        vstore_n(dst, o + 7 * step, a7, count)
+        if nb == 8:
+            vstore_n(dst, o + 7 * step, a7, count)
     elif stream and o % L == 0 and step % L == 0:
         vstream(dst, o, a0)
         vstream(dst, o + step, a1)
@@ -477,7 +499,8 @@ def _store8(dst, o, step, r, count, stream, bv, has_bias, lov, hiv, clamp):
         vstream(dst, o + 4 * step, a4)
         vstream(dst, o + 5 * step, a5)
         vstream(dst, o + 6 * step, a6)
-        vstream(dst, o + 7 * step, a7)
+        if nb == 8:
+            vstream(dst, o + 7 * step, a7)
     else:
         vstore(dst, o, a0)
         vstore(dst, o + step, a1)
@@ -486,7 +509,8 @@ def _store8(dst, o, step, r, count, stream, bv, has_bias, lov, hiv, clamp):
         vstore(dst, o + 4 * step, a4)
         vstore(dst, o + 5 * step, a5)
         vstore(dst, o + 6 * step, a6)
-        vstore(dst, o + 7 * step, a7)
+        if nb == 8:
+            vstore(dst, o + 7 * step, a7)
 
 
 @njit(cache=True, fastmath=FASTMATH)
@@ -667,6 +691,7 @@ def _forward_nhwc(x, wts, bias, has_bias, lo, hi, out, kh_, kw_, sh, sw, dh, dw,
     slotlen = sw * wq * L
     cbstride = (eff_h + 1) * slotlen + L  # ring of eff_h rows + a zero row; +L breaks 4K aliasing
     rows = n_ * oh_
+    sevens = _sevens(ow_)
     for task in prange(tasks):
         r0, r1 = _split(task, tasks, rows)
         stage = _aligned_zeros(group * cbstride, wts)
@@ -705,17 +730,26 @@ def _forward_nhwc(x, wts, bias, has_bias, lo, hi, out, kh_, kw_, sh, sw, dh, dw,
                     bv = vload(bias, wb)
                     ow = 0
                     while ow < ow_:
-                        if ow_ >= BLOCK:
-                            if ow + BLOCK > ow_:
-                                ow = ow_ - BLOCK  # last block overlaps the previous one
-                            if slide:
-                                r = _slide8(stage, sb + ow * L, L, runs, nruns, wts, wb, False)
+                        if sevens or ow_ >= BLOCK:
+                            o = (orow + ow) * cm + wb
+                            if sevens:
+                                if slide:
+                                    r = _slide8(stage, sb + ow * L, L, runs, nruns, wts, wb, False, 7)
+                                else:
+                                    r = _mac8(stage, sb + ow * L, L, soff, wts, woff, wb, t, False, 7)
+                                _store8(out, o, cm, r, count, stream, bv, has_bias, lov, hiv, clamp, 7)
                             else:
-                                r = _mac8(stage, sb + ow * L, L, soff, wts, woff, wb, t, False)
-                            _store8(out, (orow + ow) * cm + wb, cm, r, count, stream, bv, has_bias, lov, hiv, clamp)
+                                if ow + BLOCK > ow_:
+                                    ow = ow_ - BLOCK  # last block overlaps the previous one
+                                    o = (orow + ow) * cm + wb
+                                if slide:
+                                    r = _slide8(stage, sb + ow * L, L, runs, nruns, wts, wb, False)
+                                else:
+                                    r = _mac8(stage, sb + ow * L, L, soff, wts, woff, wb, t, False)
+                                _store8(out, o, cm, r, count, stream, bv, has_bias, lov, hiv, clamp)
                             pf = _prefetch_some(x, pf, pf_end, per)
                             wf = _prefetch_some(out, wf, wf_end, wper, True)
-                            ow += BLOCK
+                            ow += 7 if sevens else BLOCK
                         elif ow_ >= 4:
                             if ow + 4 > ow_:
                                 ow = ow_ - 4
@@ -1075,6 +1109,7 @@ def _backprop_input_nhwc(dy, wts, dx, kh_, kw_, sh, sw, dh, dw, pt, pl, tasks, g
                     nruns = _runs(soff, woff, t, L, runs)
                     slide = 2 * nruns <= t
                     ni = (w_ - r + sw - 1) // sw
+                    sevens = _sevens(ni)
                     for cb in range(g0, g1):
                         sb = (cb - g0) * cbstride
                         wb = cb * L
@@ -1082,22 +1117,26 @@ def _backprop_input_nhwc(dy, wts, dx, kh_, kw_, sh, sw, dh, dw, pt, pl, tasks, g
                         step = sw * c_
                         i = 0
                         while i < ni:
-                            if ni >= BLOCK:
-                                if i + BLOCK > ni:
+                            if sevens or ni >= BLOCK:
+                                if not sevens and i + BLOCK > ni:
                                     i = ni - BLOCK
                                 o = (xrow + r + i * sw) * c_ + wb
-                                if t == 0:
-                                    _store8(dx, o, step, (zero, zero, zero, zero, zero, zero, zero, zero), count,
-                                            stream, zero, False, zero, zero, False)
+                                res = (zero, zero, zero, zero, zero, zero, zero, zero)
+                                if sevens:
+                                    if t > 0 and slide:
+                                        res = _slide8(stage, sb + i * L, L, runs, nruns, wts, wb, False, 7)
+                                    elif t > 0:
+                                        res = _mac8(stage, sb + i * L, L, soff, wts, woff, wb, t, False, 7)
+                                    _store8(dx, o, step, res, count, stream, zero, False, zero, zero, False, 7)
                                 else:
-                                    if slide:
+                                    if t > 0 and slide:
                                         res = _slide8(stage, sb + i * L, L, runs, nruns, wts, wb, False)
-                                    else:
+                                    elif t > 0:
                                         res = _mac8(stage, sb + i * L, L, soff, wts, woff, wb, t, False)
                                     _store8(dx, o, step, res, count, stream, zero, False, zero, zero, False)
                                 pf = _prefetch_some(dy, pf, pf_end, per)
                                 wf = _prefetch_some(dx, wf, wf_end, wper, True)
-                                i += BLOCK
+                                i += 7 if sevens else BLOCK
                             else:
                                 a = _mac1(stage, sb + i * L, soff, wts, woff, wb, t, False)
                                 _put(dx, (xrow + r + i * sw) * c_ + wb, a, count)
@@ -1435,9 +1474,12 @@ def _backprop_filter_nhwc(x, dy, partial, kh_, kw_, sh, sw, dh, dw, pt, pl, budg
     cbstride = (eff_h + 1) * slotlen + L
     group = max(1, min(blocks, budget // cbstride))
     rows = n_ * oh_
+    sevens = _sevens(ow_)
+    nbw = 7 if sevens else BLOCK
     for task in prange(tasks):
         r0, r1 = _split(task, tasks, rows)
         acc = partial[task]
+        zero = vzero(partial)
         stage = _aligned_zeros(group * cbstride, partial)
         held = np.empty(eff_h, np.int64)
         soff = np.empty(taps, np.int64)
@@ -1467,7 +1509,7 @@ def _backprop_filter_nhwc(x, dy, partial, kh_, kw_, sh, sw, dh, dw, pt, pl, budg
                     wb = cb * L
                     count = cm - wb
                     ow = 0
-                    while ow + BLOCK <= ow_:
+                    while ow + nbw <= ow_:
                         pf = _prefetch_some(x, pf, pf_end, per)
                         qf = _prefetch_some(dy, qf, qf_end, qper)
                         d = (drow + ow) * cm + wb
@@ -1478,12 +1520,21 @@ def _backprop_filter_nhwc(x, dy, partial, kh_, kw_, sh, sw, dh, dw, pt, pl, budg
                         d4 = _load_count(dy, d + 4 * cm, count)
                         d5 = _load_count(dy, d + 5 * cm, count)
                         d6 = _load_count(dy, d + 6 * cm, count)
-                        d7 = _load_count(dy, d + 7 * cm, count)
-                        if slide:
-                            _grad_slide8(stage, sb + ow * L, L, runs, nruns, acc, wb, d0, d1, d2, d3, d4, d5, d6, d7)
+                        if sevens:  # rows of 7k pixels: no 4- and 1-pixel tail
+                            if slide:
+                                _grad_slide8(stage, sb + ow * L, L, runs, nruns, acc, wb, d0, d1, d2, d3, d4, d5, d6,
+                                             zero, 7)
+                            else:
+                                _grad8(stage, sb + ow * L, L, soff, aoff, taps, acc, wb, d0, d1, d2, d3, d4, d5, d6,
+                                       zero, 7)
                         else:
-                            _grad8(stage, sb + ow * L, L, soff, aoff, taps, acc, wb, d0, d1, d2, d3, d4, d5, d6, d7)
-                        ow += BLOCK
+                            d7 = _load_count(dy, d + 7 * cm, count)
+                            if slide:
+                                _grad_slide8(stage, sb + ow * L, L, runs, nruns, acc, wb, d0, d1, d2, d3, d4, d5, d6,
+                                             d7)
+                            else:
+                                _grad8(stage, sb + ow * L, L, soff, aoff, taps, acc, wb, d0, d1, d2, d3, d4, d5, d6, d7)
+                        ow += nbw
                     if ow + 4 <= ow_:  # the end of the row: four pixels, then single ones
                         d = (drow + ow) * cm + wb
                         _grad4(stage, sb + ow * L, L, soff, aoff, taps, acc, wb, _load_count(dy, d, count),

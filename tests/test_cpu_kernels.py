@@ -2,7 +2,7 @@
 
 The public-op suites sweep the options; this module makes sure every path inside
 nbdw/cpu.py is taken: the NHWC pixel blocks (8 with an overlapping last block, 4, single
-pixels), channel tails (masked vectors), several channel groups per stage (forced by a small
+pixels; 7 for rows of 7k pixels), channel tails (masked vectors), several channel groups per stage (forced by a small
 STAGE_BYTES), non-temporal stores (forced by STREAM_BYTES = 0), the NCHW row blocks (8, 4, 1),
 stride-phase staging (vector paths for strides 1 and 2, scalar for 3), the multiplier's
 staging (lane shuffles for 2, 4 and 8, scalar otherwise), the flat-row forward for fewer channels
@@ -117,6 +117,12 @@ PATH_CASES = [
     ((2, 7, 11, 5), (3, 3, 5, 4), (1, 2), (1, 1)),  # multipliers staged by lane shuffles
     ((1, 6, 9, 3), (2, 3, 3, 8), (1, 1), (1, 1)),
     ((1, 5, 8, 2), (3, 2, 2, 16), (2, 1), (1, 1)),
+    # rows of 7k pixels go in blocks of seven (NHWC): 7, 14 and 28 wide, a channel tail, a
+    # multiplier, and column stride 2 (backprop input's phases are 14 wide)
+    ((1, 6, 7, 16), (3, 3, 16, 1), (1, 1), (1, 1)),
+    ((2, 5, 14, 20), (3, 3, 20, 1), (1, 1), (1, 1)),
+    ((1, 4, 28, 18), (5, 5, 18, 2), (1, 1), (1, 1)),
+    ((1, 8, 28, 16), (3, 3, 16, 1), (1, 2), (1, 1)),
 ]
 
 
