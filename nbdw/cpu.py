@@ -63,7 +63,7 @@ from numba.extending import intrinsic, overload
 
 from . import spec
 from .simd import (prefetch, prefetch_write, store_fence, vadd, vbroadcast, vclamp, veven, vfma, vlanes, vload, vload_lanes, vload_n,
-                   vodd, vrepeat2, vrepeat4, vrepeat8, vsplat, vstore, vstore_n, vstream, vsum, vzero, vzip_hi,
+                   vodd, vrepeat2, vrepeat4, vrepeat8, vselect_lanes, vsplat, vstore, vstore_n, vstream, vsum, vzero, vzip_hi,
                    vzip_lo)
 
 # Like fastmath=True but keeping NaN and Inf semantics (no nnan/ninf), so NaNs propagate.
@@ -633,16 +633,19 @@ def _stage_row_nhwc(stage, x, n, ih, m_, g0, g1, dst0, cbstride, sw, wq, pl):
                         v = vrepeat8(v)
                     vstore(stage, dst + (cb - g0) * cbstride, v)
         else:
-            flat = x.reshape(-1)
-            for cb in range(g0, g1):
-                dst = dst0 + (cb - g0) * cbstride + (ph * wq + lo) * L
-                j0 = cb * L
-                j1 = min(j0 + L, cm)
-                for col in range(hi - lo):
-                    src = (row + first + col * sw) * c_
-                    d = dst + col * L - j0
-                    for j in range(j0, j1):
-                        stage[_index(d + j)] = widen(flat[_index(src + j // m_)])
+            # any other multiplier: each input channel of the block broadcast into the lanes of
+            # its m_ copies (a per-element copy with a division per lane cost 3x the whole
+            # kernel: 28x28x24, m_ = 3, forward 0.78 ms against 0.25 for m_ = 2 or 4)
+            for col in range(hi - lo):
+                src = (row + first + col * sw) * c_
+                dst = dst0 + (ph * wq + lo + col) * L
+                for cb in range(g0, g1):
+                    j0 = cb * L
+                    j1 = min(j0 + L, cm)
+                    v = vzero(stage)
+                    for c in range(j0 // m_, (j1 - 1) // m_ + 1):
+                        v = vselect_lanes(v, c * m_ - j0, (c + 1) * m_ - j0, vbroadcast(x, src + c))
+                    vstore(stage, dst + (cb - g0) * cbstride, v)
 
 
 # ---------------------------------------------------------------------------

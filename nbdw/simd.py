@@ -408,6 +408,21 @@ def vload_lanes(typingctx, arr, offset, first, stop):
     return vt(arr, offset, first, stop), codegen
 
 
+@intrinsic
+def vselect_lanes(typingctx, v, first, stop, w):
+    """``v`` with lanes ``first <= lane < stop`` taken from ``w`` (a select: no arithmetic, so
+    every value, NaN, Inf and -0.0 included, passes unchanged)."""
+    if not isinstance(v, Vector) or v != w or not all(isinstance(a, types.Integer) for a in (first, stop)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        lo = _lane_mask(builder, context.cast(builder, args[1], sig.args[1], types.int64), v.lanes)
+        hi = _lane_mask(builder, context.cast(builder, args[2], sig.args[2], types.int64), v.lanes)
+        return builder.select(builder.and_(hi, builder.not_(lo)), args[3], args[0])
+
+    return v(v, first, stop, w), codegen
+
+
 def _shuffle(name, pick):
     """An intrinsic ``name(a, b)`` returning lanes ``pick(lanes)`` of the concatenation a ++ b."""
     def typer(typingctx, a, b):

@@ -5,7 +5,7 @@ nbdw/cpu.py is taken: the NHWC pixel blocks (8 with an overlapping last block, 4
 pixels; 7 for rows of 7k pixels), channel tails (masked vectors), several channel groups per stage (forced by a small
 STAGE_BYTES), non-temporal stores (forced by STREAM_BYTES = 0), the NCHW row blocks (8, 4, 1),
 stride-phase staging (vector paths for strides 1 and 2, scalar for 3), the multiplier's
-staging (lane shuffles for 2, 4 and 8, scalar otherwise), the flat-row forward for fewer channels
+staging (lane shuffles for 2, 4 and 8, lane selects otherwise), the flat-row forward for fewer channels
 than lanes, the exact backprop-input kernel for non-finite filters, float64's 8-lane
 vectors, zero sizes, and the fused bias/clamp epilogue. The kernels use no per-filter-size
 specialisation: every filter size runs the same compiled code.
@@ -117,6 +117,8 @@ PATH_CASES = [
     ((2, 7, 11, 5), (3, 3, 5, 4), (1, 2), (1, 1)),  # multipliers staged by lane shuffles
     ((1, 6, 9, 3), (2, 3, 3, 8), (1, 1), (1, 1)),
     ((1, 5, 8, 2), (3, 2, 2, 16), (2, 1), (1, 1)),
+    ((1, 6, 9, 7), (3, 3, 7, 5), (1, 1), (1, 1)),  # other multipliers: channels broadcast into lanes
+    ((2, 5, 10, 3), (2, 3, 3, 6), (1, 2), (1, 1)),
     # rows of 7k pixels go in blocks of seven (NHWC): 7, 14 and 28 wide, a channel tail, a
     # multiplier, and column stride 2 (backprop input's phases are 14 wide)
     ((1, 6, 7, 16), (3, 3, 16, 1), (1, 1), (1, 1)),
