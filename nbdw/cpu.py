@@ -13,18 +13,21 @@ speed of memory. Each task works through its rows in three steps:
    (16-bit floats stay 16-bit in memory and are widened in registers on the way), into a small
    per-task buffer that stays in cache. The copy carries the zero padding (so border pixels need
    no bounds checks), splits columns by stride phase (so strided taps become unit-stride reads),
-   expands channels for a multiplier > 1 (lane shuffles), and lays each 64-byte channel block
-   out contiguously. NHWC rows are kept in a ring and staged once per task, not once per tap;
+   expands channels for a multiplier > 1 (lane shuffles for 2, 4 and 8, lane selects
+   otherwise), and lays each 64-byte channel block out contiguously. NHWC rows are kept in a ring and staged once per task, not once per tap;
    an NCHW work unit is a run of row blocks of one plane (a whole small plane) staged at once.
-   The next rows' input is prefetched while the current ones compute.
+   The next rows' input (and in NHWC backprop filter the next row of ``dy``) is prefetched
+   while the current ones compute; results that are not streamed have their next row
+   fetched for ownership.
 2. **Compute.** A tap table lists, for the row, each tap's offset in the stage and in the
    filter. A register-blocked micro-kernel accumulates eight 64-byte vectors at once (eight
    output pixels along the row in NHWC, eight output rows in NCHW) from one base address with
    constant displacements. Taps whose inputs lie one vector apart (a stride-1 filter row in
    NHWC, a filter column in NCHW) form runs, along which the eight input vectors slide in
-   registers (:func:`_slide8`): one load and one weight load per eight FMAs. Because the tap
-   loop is a runtime loop over the table, one compiled kernel serves every filter size,
-   stride, dilation and multiplier; no per-size specialisation is compiled.
+   registers (:func:`_slide8`): one load and one weight load per eight FMAs. NHWC rows of 7k
+   pixels (7, 14, 28) take blocks of seven instead, so that no block overlaps the previous
+   one. Because the tap loop is a runtime loop over the table, one compiled kernel serves
+   every filter size, stride, dilation and multiplier; no per-size specialisation is compiled.
 3. **Store**, with the fused bias/clamp epilogue of the forward op and one rounding to the
    output dtype. Large NHWC outputs of 32/64-bit data are written with non-temporal stores
    (no read-for-ownership of lines that are about to be overwritten). NCHW rows shorter than
