@@ -14,8 +14,9 @@ speed of memory. Each task works through its rows in three steps:
    per-task buffer that stays in cache. The copy carries the zero padding (so border pixels need
    no bounds checks), splits columns by stride phase (so strided taps become unit-stride reads),
    expands channels for a multiplier > 1 (lane shuffles for 2, 4 and 8, lane selects
-   otherwise), and lays each 64-byte channel block out contiguously. NHWC rows are kept in a ring and staged once per task, not once per tap;
-   an NCHW work unit is a run of row blocks of one plane (a whole small plane) staged at once.
+   otherwise), and lays each 64-byte channel block out contiguously. NHWC rows are kept in a
+   ring and staged once per task, not once per tap; an NCHW work unit is a run of row blocks of
+   one plane (a whole small plane) staged at once.
    The next rows' input (and in NHWC backprop filter the next row of ``dy``) is prefetched
    while the current ones compute; results that are not streamed have their next row
    fetched for ownership.
