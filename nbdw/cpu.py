@@ -1464,6 +1464,16 @@ def _backprop_input_exact_nchw(dy, w, dx, sh, sw, dh, dw, pt, pl):
 # Backprop filter (per-task partial sums, reduced afterwards in a fixed order)
 # ---------------------------------------------------------------------------
 
+@njit(cache=True, fastmath=FASTMATH)
+def _dy_block(dy, d, cm, count, nb):
+    """The ``dy`` vectors of ``nb`` (7 or 8) consecutive NHWC pixels from element ``d``, pixels
+    ``cm`` apart, first ``count`` lanes; with ``nb = 7`` the eighth is zero and not read."""
+    d7 = _load_count(dy, d + 7 * cm, count) if nb == 8 else vzero(dy)
+    return (_load_count(dy, d, count), _load_count(dy, d + cm, count), _load_count(dy, d + 2 * cm, count),
+            _load_count(dy, d + 3 * cm, count), _load_count(dy, d + 4 * cm, count), _load_count(dy, d + 5 * cm, count),
+            _load_count(dy, d + 6 * cm, count), d7)
+
+
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
 def _backprop_filter_nhwc(x, dy, partial, kh_, kw_, sh, sw, dh, dw, pt, pl, budget):
     """x (N, H, W, C); dy (N, OH, OW, C*M); partial (T, KH*KW*CP) zeroed, accumulator dtype:
@@ -1482,11 +1492,9 @@ def _backprop_filter_nhwc(x, dy, partial, kh_, kw_, sh, sw, dh, dw, pt, pl, budg
     group = max(1, min(blocks, budget // cbstride))
     rows = n_ * oh_
     sevens = _sevens(ow_)
-    nbw = 7 if sevens else BLOCK
     for task in prange(tasks):
         r0, r1 = _split(task, tasks, rows)
         acc = partial[task]
-        zero = vzero(partial)
         stage = _aligned_zeros(group * cbstride, partial)
         held = np.empty(eff_h, np.int64)
         soff = np.empty(taps, np.int64)
@@ -1516,32 +1524,27 @@ def _backprop_filter_nhwc(x, dy, partial, kh_, kw_, sh, sw, dh, dw, pt, pl, budg
                     wb = cb * L
                     count = cm - wb
                     ow = 0
-                    while ow + nbw <= ow_:
-                        pf = _prefetch_some(x, pf, pf_end, per)
-                        qf = _prefetch_some(dy, qf, qf_end, qper)
-                        d = (drow + ow) * cm + wb
-                        d0 = _load_count(dy, d, count)
-                        d1 = _load_count(dy, d + cm, count)
-                        d2 = _load_count(dy, d + 2 * cm, count)
-                        d3 = _load_count(dy, d + 3 * cm, count)
-                        d4 = _load_count(dy, d + 4 * cm, count)
-                        d5 = _load_count(dy, d + 5 * cm, count)
-                        d6 = _load_count(dy, d + 6 * cm, count)
-                        if sevens:  # rows of 7k pixels: no 4- and 1-pixel tail
+                    if sevens:  # rows of 7k pixels: blocks of seven, no 4- and 1-pixel tail
+                        while ow + 7 <= ow_:
+                            pf = _prefetch_some(x, pf, pf_end, per)
+                            qf = _prefetch_some(dy, qf, qf_end, qper)
+                            d0, d1, d2, d3, d4, d5, d6, d7 = _dy_block(dy, (drow + ow) * cm + wb, cm, count, 7)
                             if slide:
                                 _grad_slide8(stage, sb + ow * L, L, runs, nruns, acc, wb, d0, d1, d2, d3, d4, d5, d6,
-                                             zero, 7)
+                                             d7, 7)
                             else:
                                 _grad8(stage, sb + ow * L, L, soff, aoff, taps, acc, wb, d0, d1, d2, d3, d4, d5, d6,
-                                       zero, 7)
+                                       d7, 7)
+                            ow += 7
+                    while ow + BLOCK <= ow_:
+                        pf = _prefetch_some(x, pf, pf_end, per)
+                        qf = _prefetch_some(dy, qf, qf_end, qper)
+                        d0, d1, d2, d3, d4, d5, d6, d7 = _dy_block(dy, (drow + ow) * cm + wb, cm, count, 8)
+                        if slide:
+                            _grad_slide8(stage, sb + ow * L, L, runs, nruns, acc, wb, d0, d1, d2, d3, d4, d5, d6, d7)
                         else:
-                            d7 = _load_count(dy, d + 7 * cm, count)
-                            if slide:
-                                _grad_slide8(stage, sb + ow * L, L, runs, nruns, acc, wb, d0, d1, d2, d3, d4, d5, d6,
-                                             d7)
-                            else:
-                                _grad8(stage, sb + ow * L, L, soff, aoff, taps, acc, wb, d0, d1, d2, d3, d4, d5, d6, d7)
-                        ow += nbw
+                            _grad8(stage, sb + ow * L, L, soff, aoff, taps, acc, wb, d0, d1, d2, d3, d4, d5, d6, d7)
+                        ow += BLOCK
                     if ow + 4 <= ow_:  # the end of the row: four pixels, then single ones
                         d = (drow + ow) * cm + wb
                         _grad4(stage, sb + ow * L, L, soff, aoff, taps, acc, wb, _load_count(dy, d, count),
