@@ -940,7 +940,7 @@ def _forward_nchw(x, wts, bias, has_bias, lo, hi, out, kh_, kw_, sh, sw, dh, dw,
     m_ = cm // c_
     taps = kh_ * kw_
     L = vlanes(wts)
-    rb = BLOCK if oh_ >= BLOCK else (4 if oh_ >= 4 else 1)  # rows per block
+    rb = _rows_per_block(oh_)
     eff_h = (kh_ - 1) * dh + 1
     wq = ((ow_ - 1) * sw + (kw_ - 1) * dw + 1 + sw - 1) // sw
     seg = (wq + 2 * L - 1) // L * L  # a phase of a staged row: whole vectors, room for one past the end
@@ -968,7 +968,7 @@ def _forward_nchw(x, wts, bias, has_bias, lo, hi, out, kh_, kw_, sh, sw, dh, dw,
                 woff[t] = kh * kw_ + kw
                 t += 1
         nruns = _runs(soff, woff, taps, sh * rowlen, runs)
-        slide = 2 * nruns <= taps and rb == BLOCK
+        slide = 2 * nruns <= taps and rb >= 7
         lov = vsplat(wts, lo)
         hiv = vsplat(wts, hi)
         clamp = not (lo == -np.inf and hi == np.inf)
@@ -1010,6 +1010,15 @@ def _forward_nchw(x, wts, bias, has_bias, lo, hi, out, kh_, kw_, sh, sw, dh, dw,
                                 _store8(flat_out, obase + ow, ow_, r, count, True, bv, has_bias, lov, hiv, clamp)
                             else:  # whole vectors: a short row's extra lanes land on the next row, stored after it
                                 _store8(obuf, ow, ow_, r, L, False, bv, has_bias, lov, hiv, clamp)
+                        elif rb == 7:  # planes of 7k rows: blocks of seven, none overlapping
+                            if slide:
+                                r = _slide8(stage, so + ow, sh * rowlen, runs, nruns, wts, wb, True, 7)
+                            else:
+                                r = _mac8(stage, so + ow, sh * rowlen, soff, wts, woff, wb, taps, True, 7)
+                            if stream:
+                                _store8(flat_out, obase + ow, ow_, r, count, True, bv, has_bias, lov, hiv, clamp, 7)
+                            else:
+                                _store8(obuf, ow, ow_, r, L, False, bv, has_bias, lov, hiv, clamp, 7)
                         elif rb == 4:
                             r4 = _mac4(stage, so + ow, sh * rowlen, soff, wts, woff, wb, taps, True)
                             for i in range(4):
@@ -1019,7 +1028,7 @@ def _forward_nchw(x, wts, bias, has_bias, lo, hi, out, kh_, kw_, sh, sw, dh, dw,
                             _put(obuf, ow, _finish(r1, bv, has_bias, lov, hiv), count)
                         pf = _prefetch_some(x, pf, pf_end, per)
                         ow += L
-                    if not (stream and rb == BLOCK):
+                    if not (stream and rb >= 7):
                         _copy_out(flat_out, obase, obuf, 0, rb * ow_, False)
                     o0 += rb
         if stream:
@@ -1216,7 +1225,10 @@ def _stage_dy_row_nhwc(stage, dy, n, oh, c_, m_, g0, g1, dst0, cbstride, owp, pa
 
 @njit(cache=True)
 def _rows_per_block(rows):
-    """Rows the NCHW micro-kernel blocks together for a run of ``rows`` rows."""
+    """Rows the NCHW micro-kernel blocks together for a run of ``rows`` rows: seven for 7k rows
+    (7, 14, 28: no overlapping last block; see :func:`_sevens`), else eight, four or one."""
+    if _sevens(rows):
+        return 7
     return BLOCK if rows >= BLOCK else (4 if rows >= 4 else 1)
 
 
@@ -1370,6 +1382,12 @@ def _backprop_input_nchw(dy, wts, dx, kh_, kw_, sh, sw, dh, dw, pt, pl, tasks, s
                             res = _mac8(stage, so + iw, rowlen, soff, wts, woff, wb, t, True)
                         # whole vectors: a short row's extra lanes land on the next row, stored after it
                         _store8(obuf, iw, w_, res, L, False, zero, False, zero, zero, False)
+                    elif rb == 7:  # 7k rows in this phase: blocks of seven, none overlapping
+                        if slide:
+                            res = _slide8(stage, so + iw, rowlen, runs, nruns, wts, wb, True, 7)
+                        else:
+                            res = _mac8(stage, so + iw, rowlen, soff, wts, woff, wb, t, True, 7)
+                        _store8(obuf, iw, w_, res, L, False, zero, False, zero, zero, False, 7)
                     elif rb == 4:
                         r4 = _mac4(stage, so + iw, rowlen, soff, wts, woff, wb, t, True)
                         for b in range(4):

@@ -3,7 +3,7 @@
 The public-op suites sweep the options; this module makes sure every path inside
 nbdw/cpu.py is taken: the NHWC pixel blocks (8 with an overlapping last block, 4, single
 pixels; 7 for rows of 7k pixels), channel tails (masked vectors), several channel groups per stage (forced by a small
-STAGE_BYTES), non-temporal stores (forced by STREAM_BYTES = 0), the NCHW row blocks (8, 4, 1),
+STAGE_BYTES), non-temporal stores (forced by STREAM_BYTES = 0), the NCHW row blocks (8, 7, 4, 1),
 stride-phase staging (vector paths for strides 1 and 2, scalar for 3), the multiplier's
 staging (lane shuffles for 2, 4 and 8, lane selects otherwise), the flat-row forward for fewer channels
 than lanes, the exact backprop-input kernel for non-finite filters, float64's 8-lane
@@ -125,6 +125,11 @@ PATH_CASES = [
     ((2, 5, 14, 20), (3, 3, 20, 1), (1, 1), (1, 1)),
     ((1, 4, 28, 18), (5, 5, 18, 2), (1, 1), (1, 1)),
     ((1, 8, 28, 16), (3, 3, 16, 1), (1, 2), (1, 1)),
+    # and NCHW planes of 7k rows: 7, 14 (also as stride-2 phases of 28 rows in backprop input), 28
+    ((1, 7, 20, 4), (3, 3, 4, 1), (1, 1), (1, 1)),
+    ((1, 14, 9, 5), (3, 3, 5, 1), (1, 1), (1, 1)),
+    ((2, 28, 6, 3), (5, 5, 3, 2), (1, 1), (1, 1)),
+    ((1, 28, 10, 3), (3, 3, 3, 1), (2, 1), (1, 1)),
 ]
 
 
