@@ -226,8 +226,9 @@ def _mac8(src, p0, bs, soff, wts, woff, wb, ntaps, bcast, nb=8):
     ``w_t`` is the vector ``wts[woff[t] + wb:][:L]`` or, with ``bcast``, the scalar
     ``wts[woff[t] + wb]`` in every lane. One base address per tap, constant displacements
     (``bs`` is a compile-time constant for NHWC), so the loop is eight FMAs with memory operands
-    and one weight load. ``nb = 7`` (a constant at the call site) leaves ``a7`` zero and reads
-    nothing for it: rows of 7k pixels then need no overlapping last block.
+    and one weight load. ``nb`` (8, 7 or 4; a constant at the call site, so LLVM drops the rest)
+    accumulators are computed, the others stay zero and nothing is read for them: 7 for rows of
+    7k pixels, which then need no overlapping last block, 4 for short rows.
     """
     a0 = vzero(src)
     a1 = a0
@@ -244,9 +245,10 @@ def _mac8(src, p0, bs, soff, wts, woff, wb, ntaps, bcast, nb=8):
         a1 = vfma(vload(src, p + bs), wv, a1)
         a2 = vfma(vload(src, p + 2 * bs), wv, a2)
         a3 = vfma(vload(src, p + 3 * bs), wv, a3)
-        a4 = vfma(vload(src, p + 4 * bs), wv, a4)
-        a5 = vfma(vload(src, p + 5 * bs), wv, a5)
-        a6 = vfma(vload(src, p + 6 * bs), wv, a6)
+        if nb > 4:
+            a4 = vfma(vload(src, p + 4 * bs), wv, a4)
+            a5 = vfma(vload(src, p + 5 * bs), wv, a5)
+            a6 = vfma(vload(src, p + 6 * bs), wv, a6)
         if nb == 8:
             a7 = vfma(vload(src, p + 7 * bs), wv, a7)
     return a0, a1, a2, a3, a4, a5, a6, a7
@@ -334,23 +336,6 @@ def _runs(soff, woff, ntaps, step, runs):
 
 
 @njit(cache=True, fastmath=FASTMATH)
-def _mac4(src, p0, bs, soff, wts, woff, wb, ntaps, bcast):
-    """:func:`_mac8` for four accumulators (short rows)."""
-    a0 = vzero(src)
-    a1 = a0
-    a2 = a0
-    a3 = a0
-    for t in range(ntaps):
-        p = p0 + soff[t]
-        wv = vbroadcast(wts, woff[t] + wb) if bcast else vload(wts, woff[t] + wb)
-        a0 = vfma(vload(src, p), wv, a0)
-        a1 = vfma(vload(src, p + bs), wv, a1)
-        a2 = vfma(vload(src, p + 2 * bs), wv, a2)
-        a3 = vfma(vload(src, p + 3 * bs), wv, a3)
-    return a0, a1, a2, a3
-
-
-@njit(cache=True, fastmath=FASTMATH)
 def _mac1(src, p0, soff, wts, woff, wb, ntaps, bcast):
     """:func:`_mac8` for one accumulator."""
     a0 = vzero(src)
@@ -365,8 +350,8 @@ def _grad8(src, p0, bs, soff, aoff, ntaps, acc, a0, d0, d1, d2, d3, d4, d5, d6, 
     """Backprop filter: ``acc[a0 + aoff[t]:][:L] += sum_b src[p0 + b * bs + soff[t]:][:L] * d_b``.
 
     The eight output-gradient vectors stay in registers across the taps; each tap's
-    accumulator is loaded and stored once per eight products. ``nb = 7`` ignores ``d7``
-    and reads nothing for it (see :func:`_mac8`).
+    accumulator is loaded and stored once per eight products. With ``nb`` 7 or 4 (see
+    :func:`_mac8`) only the first ``nb`` vectors count and nothing is read for the others.
     """
     for t in range(ntaps):
         p = p0 + soff[t]
@@ -376,25 +361,12 @@ def _grad8(src, p0, bs, soff, aoff, ntaps, acc, a0, d0, d1, d2, d3, d4, d5, d6, 
         a = vfma(vload(src, p + bs), d1, a)
         a = vfma(vload(src, p + 2 * bs), d2, a)
         a = vfma(vload(src, p + 3 * bs), d3, a)
-        a = vfma(vload(src, p + 4 * bs), d4, a)
-        a = vfma(vload(src, p + 5 * bs), d5, a)
-        a = vfma(vload(src, p + 6 * bs), d6, a)
+        if nb > 4:
+            a = vfma(vload(src, p + 4 * bs), d4, a)
+            a = vfma(vload(src, p + 5 * bs), d5, a)
+            a = vfma(vload(src, p + 6 * bs), d6, a)
         if nb == 8:
             a = vfma(vload(src, p + 7 * bs), d7, a)
-        vstore(acc, o, a)
-
-
-@njit(cache=True, fastmath=FASTMATH)
-def _grad4(src, p0, bs, soff, aoff, ntaps, acc, a0, d0, d1, d2, d3):
-    """:func:`_grad8` for four vectors (the short end of a row)."""
-    for t in range(ntaps):
-        p = p0 + soff[t]
-        o = a0 + aoff[t]
-        a = vload(acc, o)
-        a = vfma(vload(src, p), d0, a)
-        a = vfma(vload(src, p + bs), d1, a)
-        a = vfma(vload(src, p + 2 * bs), d2, a)
-        a = vfma(vload(src, p + 3 * bs), d3, a)
         vstore(acc, o, a)
 
 
@@ -760,7 +732,7 @@ def _forward_nhwc(x, wts, bias, has_bias, lo, hi, out, kh_, kw_, sh, sw, dh, dw,
                         elif ow_ >= 4:
                             if ow + 4 > ow_:
                                 ow = ow_ - 4
-                            r4 = _mac4(stage, sb + ow * L, L, soff, wts, woff, wb, t, False)
+                            r4 = _mac8(stage, sb + ow * L, L, soff, wts, woff, wb, t, False, 4)
                             o = (orow + ow) * cm + wb
                             for b in range(4):
                                 _put(out, o + b * cm, _finish(r4[b], bv, has_bias, lov, hiv), count)
@@ -841,7 +813,7 @@ def _forward_nhwc_narrow(x, wpat, bpat, has_bias, lo, hi, out, kh_, kw_, sh, dh,
                 for q in range(P):
                     ph = (((v + q) * L) % c_) // g
                     bv = vload(bpat, ph * L)
-                    r4 = _mac4(stage, (v + q) * L, P * L, soff, wpat, woff, ph * taps * L, taps, False)
+                    r4 = _mac8(stage, (v + q) * L, P * L, soff, wpat, woff, ph * taps * L, taps, False, 4)
                     for b in range(4):
                         _put(flat_out, o + (v + q + b * P) * L, _finish(r4[b], bv, has_bias, lov, hiv), L)
                 v += 4 * P
@@ -1020,7 +992,7 @@ def _forward_nchw(x, wts, bias, has_bias, lo, hi, out, kh_, kw_, sh, sw, dh, dw,
                             else:
                                 _store8(obuf, ow, ow_, r, L, False, bv, has_bias, lov, hiv, clamp, 7)
                         elif rb == 4:
-                            r4 = _mac4(stage, so + ow, sh * rowlen, soff, wts, woff, wb, taps, True)
+                            r4 = _mac8(stage, so + ow, sh * rowlen, soff, wts, woff, wb, taps, True, 4)
                             for i in range(4):
                                 _put(obuf, i * ow_ + ow, _finish(r4[i], bv, has_bias, lov, hiv), count)
                         else:
@@ -1389,7 +1361,7 @@ def _backprop_input_nchw(dy, wts, dx, kh_, kw_, sh, sw, dh, dw, pt, pl, tasks, s
                             res = _mac8(stage, so + iw, rowlen, soff, wts, woff, wb, t, True, 7)
                         _store8(obuf, iw, w_, res, L, False, zero, False, zero, zero, False, 7)
                     elif rb == 4:
-                        r4 = _mac4(stage, so + iw, rowlen, soff, wts, woff, wb, t, True)
+                        r4 = _mac8(stage, so + iw, rowlen, soff, wts, woff, wb, t, True, 4)
                         for b in range(4):
                             _put(obuf, b * w_ + iw, r4[b], count)
                     else:
@@ -1484,12 +1456,15 @@ def _backprop_input_exact_nchw(dy, w, dx, sh, sw, dh, dw, pt, pl):
 
 @njit(cache=True, fastmath=FASTMATH)
 def _dy_block(dy, d, cm, count, nb):
-    """The ``dy`` vectors of ``nb`` (7 or 8) consecutive NHWC pixels from element ``d``, pixels
-    ``cm`` apart, first ``count`` lanes; with ``nb = 7`` the eighth is zero and not read."""
-    d7 = _load_count(dy, d + 7 * cm, count) if nb == 8 else vzero(dy)
+    """The ``dy`` vectors of ``nb`` (8, 7 or 4) consecutive NHWC pixels from element ``d``, pixels
+    ``cm`` apart, first ``count`` lanes, as eight vectors: the ones past ``nb`` are zero and not
+    read."""
+    z = vzero(dy)
+    wide = nb > 4
     return (_load_count(dy, d, count), _load_count(dy, d + cm, count), _load_count(dy, d + 2 * cm, count),
-            _load_count(dy, d + 3 * cm, count), _load_count(dy, d + 4 * cm, count), _load_count(dy, d + 5 * cm, count),
-            _load_count(dy, d + 6 * cm, count), d7)
+            _load_count(dy, d + 3 * cm, count), _load_count(dy, d + 4 * cm, count) if wide else z,
+            _load_count(dy, d + 5 * cm, count) if wide else z, _load_count(dy, d + 6 * cm, count) if wide else z,
+            _load_count(dy, d + 7 * cm, count) if nb == 8 else z)
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
@@ -1564,10 +1539,8 @@ def _backprop_filter_nhwc(x, dy, partial, kh_, kw_, sh, sw, dh, dw, pt, pl, budg
                             _grad8(stage, sb + ow * L, L, soff, aoff, taps, acc, wb, d0, d1, d2, d3, d4, d5, d6, d7)
                         ow += BLOCK
                     if ow + 4 <= ow_:  # the end of the row: four pixels, then single ones
-                        d = (drow + ow) * cm + wb
-                        _grad4(stage, sb + ow * L, L, soff, aoff, taps, acc, wb, _load_count(dy, d, count),
-                               _load_count(dy, d + cm, count), _load_count(dy, d + 2 * cm, count),
-                               _load_count(dy, d + 3 * cm, count))
+                        d0, d1, d2, d3, d4, d5, d6, d7 = _dy_block(dy, (drow + ow) * cm + wb, cm, count, 4)
+                        _grad8(stage, sb + ow * L, L, soff, aoff, taps, acc, wb, d0, d1, d2, d3, d4, d5, d6, d7, 4)
                         ow += 4
                     while ow < ow_:
                         dv = _load_count(dy, (drow + ow) * cm + wb, count)
