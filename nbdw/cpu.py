@@ -66,9 +66,9 @@ from numba import njit, prange, types
 from numba.extending import intrinsic, overload
 
 from . import spec
-from .simd import (prefetch, prefetch_write, store_fence, vadd, vbroadcast, vclamp, veven, vfma, vlanes, vload, vload_lanes, vload_n,
-                   vodd, vrepeat2, vrepeat4, vrepeat8, vselect_lanes, vsplat, vstore, vstore_n, vstream, vsum, vzero, vzip_hi,
-                   vzip_lo)
+from .simd import (prefetch, prefetch_write, store_fence, vadd, vbroadcast, vclamp, veven, vfma, vlanes, vload,
+                   vload_lanes, vload_n, vodd, vrepeat2, vrepeat4, vrepeat8, vselect_lanes, vsplat, vstore, vstore_n,
+                   vstream, vsum, vzero, vzip_hi, vzip_lo)
 
 # Like fastmath=True but keeping NaN and Inf semantics (no nnan/ninf), so NaNs propagate.
 FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
