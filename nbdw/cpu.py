@@ -1303,6 +1303,7 @@ def _backprop_input_nchw(dy, wts, dx, kh_, kw_, sh, sw, dh, dw, pt, pl, tasks, s
                     amin = min(amin, u // sh)
                     amax = max(amax, u // sh)
             ostep = sh * w_
+            direct = stream and rb >= 7
             if amax < amin:  # no tap reaches these rows
                 for i in range(ia, ib):
                     for iw in range(0, w_, L):
@@ -1340,6 +1341,7 @@ def _backprop_input_nchw(dy, wts, dx, kh_, kw_, sh, sw, dh, dw, pt, pl, tasks, s
                 if i0 + rb > ib:
                     i0 = ib - rb  # the last block overlaps the previous one
                 so = (i0 - ia) * rowlen
+                obase = ((n * c_ + c) * h_ + r + sh * i0) * w_
                 iw = 0
                 while iw < w_:
                     pf = _prefetch_some(dy, pf, pf_end, per)
@@ -1352,14 +1354,19 @@ def _backprop_input_nchw(dy, wts, dx, kh_, kw_, sh, sw, dh, dw, pt, pl, tasks, s
                             res = _slide8(stage, so + iw, rowlen, runs, nruns, wts, wb, True)
                         else:
                             res = _mac8(stage, so + iw, rowlen, soff, wts, woff, wb, t, True)
-                        # whole vectors: a short row's extra lanes land on the next row, stored after it
-                        _store8(obuf, iw, w_, res, L, False, zero, False, zero, zero, False)
+                        if direct:  # line-aligned rows: straight to dx, bypassing the caches
+                            _store8(flat_dx, obase + iw, ostep, res, count, True, zero, False, zero, zero, False)
+                        else:  # whole vectors: a short row's extra lanes land on the next row, stored after it
+                            _store8(obuf, iw, w_, res, L, False, zero, False, zero, zero, False)
                     elif rb == 7:  # 7k rows in this phase: blocks of seven, none overlapping
                         if slide:
                             res = _slide8(stage, so + iw, rowlen, runs, nruns, wts, wb, True, 7)
                         else:
                             res = _mac8(stage, so + iw, rowlen, soff, wts, woff, wb, t, True, 7)
-                        _store8(obuf, iw, w_, res, L, False, zero, False, zero, zero, False, 7)
+                        if direct:
+                            _store8(flat_dx, obase + iw, ostep, res, count, True, zero, False, zero, zero, False, 7)
+                        else:
+                            _store8(obuf, iw, w_, res, L, False, zero, False, zero, zero, False, 7)
                     elif rb == 4:
                         r4 = _mac8(stage, so + iw, rowlen, soff, wts, woff, wb, t, True, 4)
                         for b in range(4):
@@ -1367,12 +1374,13 @@ def _backprop_input_nchw(dy, wts, dx, kh_, kw_, sh, sw, dh, dw, pt, pl, tasks, s
                     else:
                         _put(obuf, iw, _mac1(stage, so + iw, soff, wts, woff, wb, t, True), count)
                     iw += L
-                obase = ((n * c_ + c) * h_ + r + sh * i0) * w_
-                if sh == 1:  # the block's rows are consecutive in dx: one copy, no masked tail per row
-                    _copy_out(flat_dx, obase, obuf, 0, rb * w_, stream)
+                if direct:
+                    pass
+                elif sh == 1:  # the block's rows are consecutive in dx: one copy, no masked tail per row
+                    _copy_out(flat_dx, obase, obuf, 0, rb * w_, False)
                 else:
                     for b in range(rb):
-                        _copy_out(flat_dx, obase + b * ostep, obuf, b * w_, w_, stream)
+                        _copy_out(flat_dx, obase + b * ostep, obuf, b * w_, w_, False)
                 i0 += rb
         if stream:
             store_fence()
@@ -1855,9 +1863,10 @@ def backprop_input(f, dy, geom, out=None):
                                  _bpi_group(geom, cp, lanes, budget), _stream(xs))
         else:
             wts = np.ascontiguousarray(filt.reshape(kh * kw, c * m).T).ravel()
+            # as in the forward, streaming pays only for rows of whole cache lines, stored from registers
+            stream = _stream(xs) and (geom.in_width * xs.itemsize) % 64 == 0
             _backprop_input_nchw(ys, wts, xs, kh, kw, *geo, _tasks(geom.batch * geom.channels * geom.in_height),
-                                 False,  # measured: streaming NCHW rows did not pay
-                                 NCHW_STAGE_BYTES // np.dtype(acc).itemsize)
+                                 stream, NCHW_STAGE_BYTES // np.dtype(acc).itemsize)
     return _deliver(result, out)
 
 

@@ -130,6 +130,9 @@ PATH_CASES = [
     ((1, 14, 9, 5), (3, 3, 5, 1), (1, 1), (1, 1)),
     ((2, 28, 6, 3), (5, 5, 3, 2), (1, 1), (1, 1)),
     ((1, 28, 10, 3), (3, 3, 3, 1), (2, 1), (1, 1)),
+    # NCHW rows of whole cache lines (32 and 16 float32 columns) are streamed straight from
+    # registers when STREAM_BYTES allows: forward output and backprop input's stride-2 rows
+    ((1, 24, 32, 3), (3, 3, 3, 1), (2, 2), (1, 1)),
 ]
 
 
