@@ -516,12 +516,24 @@ def _copy_out(dst, o, src, s, count, stream):
         vstore_n(dst, o + i, vload_n(src, s + i, count - i), count - i)
 
 
-@njit(cache=True)
+def _line_elements(array):
+    """Elements of ``array`` in one 64-byte cache line, a compile-time constant."""
+
+
+@overload(_line_elements)
+def _line_elements_impl(array):
+    n = 512 // array.dtype.bitwidth
+    return lambda array: n
+
+
+@njit(cache=True, inline="always")
 def _prefetch_some(arr, pf, end, count, write=False):
     """Prefetch up to ``count`` cache lines of ``arr`` from element ``pf`` (below ``end``),
     for writing with ``write``; returns where to continue. Spread over a row's blocks, this
-    overlaps the next row's memory traffic with the current row's arithmetic."""
-    step = 64 // arr.itemsize
+    overlaps the next row's memory traffic with the current row's arithmetic. Inlined in Numba's
+    IR: a call would update ``arr``'s reference count, an atomic on a line all threads share,
+    in every block."""
+    step = _line_elements(arr)
     for _ in range(count):
         if pf >= end:
             break

@@ -367,3 +367,15 @@ def test_backprop_filter_ignores_non_finite_input_no_output_reads(fmt, bad):
         got = nbdw.depthwise_conv2d_native_backprop_filter(x.astype(np.float32), cfg["filter_shape"],
                                                            dy.astype(np.float32), *cfg["args"])
         np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("storage", [np.uint16, np.int16, np.float32, np.float64])
+def test_prefetch_steps_one_cache_line(storage):
+    """``_prefetch_some`` walks whole 64-byte lines (a compile-time step per dtype) and stops at
+    ``end``: the position it returns is where the next call goes on."""
+    walk = numba.njit(lambda a, pf, end, count: cpu._prefetch_some(a, pf, end, count))
+    arr = np.zeros(4096, storage)
+    line = 64 // arr.itemsize
+    assert walk(arr, 0, arr.size, 3) == 3 * line
+    assert walk(arr, 5, 5 + line + 1, 10) == 5 + 2 * line  # two lines reach past end, then stop
+    assert walk(arr, 7, 7, 4) == 7
