@@ -18,6 +18,10 @@ BACKENDS = {
 }
 
 
+#: module path -> module, for the backends loaded so far (an op looks its backend up on every call)
+_LOADED = {}
+
+
 class BackendUnavailableError(RuntimeError):
     """A known backend cannot run here (for example: no numba-cuda, or no GPU)."""
 
@@ -43,10 +47,15 @@ def load(name: str):
     Raises :class:`BackendUnavailableError` with the backend's own explanation
     when it cannot run on this machine.
     """
-    module = importlib.import_module(BACKENDS[name])
+    path = BACKENDS[name]
+    module = _LOADED.get(path)
+    if module is not None:
+        return module
+    module = importlib.import_module(path)
     reason = module.unavailable_reason() if hasattr(module, "unavailable_reason") else None
     if reason:
         raise BackendUnavailableError(f"backend {name!r} is unavailable: {reason}")
+    _LOADED[path] = module  # only a backend that can run: an unavailable one is asked again
     return module
 
 

@@ -1770,7 +1770,7 @@ def _stream(result):
     """Whether an NHWC kernel should write ``result`` with non-temporal stores: large, 64-byte
     aligned, and 32- or 64-bit data (a 16-bit vector is half a cache line whose other half is
     written much later, and streaming it measured slower)."""
-    return result.nbytes >= STREAM_BYTES and result.ctypes.data % 64 == 0 and result.itemsize >= 4
+    return result.itemsize >= 4 and result.nbytes >= STREAM_BYTES and result.ctypes.data % 64 == 0
 
 
 def _tasks(units):
@@ -1778,8 +1778,11 @@ def _tasks(units):
 
 
 def _padded_taps(matrix, width, acc):
-    """(taps, K) -> (taps, width) in the accumulator dtype, zero beyond K."""
+    """(taps, K) -> (taps, width) in the accumulator dtype, zero beyond K (``matrix`` itself
+    when it needs no padding and is already C-contiguous in that dtype)."""
     taps, k = matrix.shape
+    if k == width and matrix.dtype == acc and matrix.flags.c_contiguous:
+        return matrix
     padded = np.zeros((taps, width), acc)
     padded[:, :k] = matrix
     return padded

@@ -144,6 +144,8 @@ class Geometry:
 # ---------------------------------------------------------------------------
 
 def _is_int(value) -> bool:
+    if type(value) is int:  # the common case, without the slower abstract-class check
+        return True
     return isinstance(value, (numbers.Integral, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
@@ -265,7 +267,11 @@ def _frozen(value):
     if kind is int or kind is str or value is None:
         return value
     if kind is tuple or kind is list:
-        return tuple(_frozen(v) for v in value)
+        items = []
+        for v in value:  # elements are mostly ints: test them here rather than by recursion
+            k = type(v)
+            items.append(v if k is int or k is str or v is None else _frozen(v))
+        return tuple(items)
     raise _Uncacheable
 
 

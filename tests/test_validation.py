@@ -185,3 +185,22 @@ def test_geometry_is_frozen():
     geom = spec.forward_geometry(X.shape, F.shape, S, "SAME")
     with pytest.raises(Exception):
         geom.pad_top = 3
+
+
+def test_backend_modules_are_remembered_only_once_they_can_run(monkeypatch):
+    """``backends.load`` keeps a backend's module after its first successful load (an op looks
+    its backend up on every call), but asks an unavailable one again each time, with its reason."""
+    import types
+
+    from nbdw import backends
+    fake = types.ModuleType("nbdw_fake_backend")
+    fake.unavailable_reason = lambda: "no device here"
+    monkeypatch.setitem(sys.modules, "nbdw_fake_backend", fake)
+    monkeypatch.setitem(backends.BACKENDS, "fake", "nbdw_fake_backend")
+    with pytest.raises(backends.BackendUnavailableError, match="backend 'fake' is unavailable: no device here"):
+        backends.load("fake")
+    fake.unavailable_reason = lambda: None  # the device appeared
+    assert backends.load("fake") is fake
+    fake.unavailable_reason = lambda: "gone"  # not asked again once loaded
+    assert backends.load("fake") is fake
+    monkeypatch.delitem(backends._LOADED, "nbdw_fake_backend")
