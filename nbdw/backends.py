@@ -18,8 +18,8 @@ BACKENDS = {
 }
 
 
-#: module path -> module, for the backends loaded so far (an op looks its backend up on every call)
-_LOADED = {}
+#: module path -> module, for the backends imported so far (an op looks its backend up on every call)
+_IMPORTED = {}
 
 
 class BackendUnavailableError(RuntimeError):
@@ -48,14 +48,13 @@ def load(name: str):
     when it cannot run on this machine.
     """
     path = BACKENDS[name]
-    module = _LOADED.get(path)
-    if module is not None:
-        return module
-    module = importlib.import_module(path)
+    module = _IMPORTED.get(path)
+    if module is None:
+        module = _IMPORTED[path] = importlib.import_module(path)
+    # asked on every call: what a backend needs (a driver, a device) can go away
     reason = module.unavailable_reason() if hasattr(module, "unavailable_reason") else None
     if reason:
         raise BackendUnavailableError(f"backend {name!r} is unavailable: {reason}")
-    _LOADED[path] = module  # only a backend that can run: an unavailable one is asked again
     return module
 
 

@@ -187,9 +187,9 @@ def test_geometry_is_frozen():
         geom.pad_top = 3
 
 
-def test_backend_modules_are_remembered_only_once_they_can_run(monkeypatch):
-    """``backends.load`` keeps a backend's module after its first successful load (an op looks
-    its backend up on every call), but asks an unavailable one again each time, with its reason."""
+def test_backend_availability_is_asked_on_every_call(monkeypatch):
+    """``backends.load`` imports a backend's module once (an op looks its backend up on every
+    call) but asks it whether it can run every time, and says why when it cannot."""
     import types
 
     from nbdw import backends
@@ -197,10 +197,12 @@ def test_backend_modules_are_remembered_only_once_they_can_run(monkeypatch):
     fake.unavailable_reason = lambda: "no device here"
     monkeypatch.setitem(sys.modules, "nbdw_fake_backend", fake)
     monkeypatch.setitem(backends.BACKENDS, "fake", "nbdw_fake_backend")
+    monkeypatch.setattr(backends, "_IMPORTED", {})
     with pytest.raises(backends.BackendUnavailableError, match="backend 'fake' is unavailable: no device here"):
         backends.load("fake")
     fake.unavailable_reason = lambda: None  # the device appeared
     assert backends.load("fake") is fake
-    fake.unavailable_reason = lambda: "gone"  # not asked again once loaded
-    assert backends.load("fake") is fake
-    monkeypatch.delitem(backends._LOADED, "nbdw_fake_backend")
+    fake.unavailable_reason = lambda: "gone"  # and went away again
+    with pytest.raises(backends.BackendUnavailableError, match="unavailable: gone"):
+        backends.load("fake")
+    assert backends._IMPORTED == {"nbdw_fake_backend": fake}
