@@ -499,7 +499,7 @@ def _copy_out(dst, o, src, s, count, stream):
     L = vlanes(dst)
     i = 0
     if stream:
-        head = min(-o % (64 // dst.itemsize), count)
+        head = min(-o % _line_elements(dst), count)
         while i + L <= head:
             vstore(dst, o + i, vload(src, s + i))
             i += L
@@ -524,6 +524,12 @@ def _line_elements(array):
 def _line_elements_impl(array):
     n = 512 // array.dtype.bitwidth
     return lambda array: n
+
+
+@njit(cache=True, inline="always")  # no call: passing a shared array costs atomics (_prefetch_some)
+def _per_call(arr, pf, end, calls):
+    """Cache lines of ``arr[pf:end]`` to prefetch per call so that ``calls`` calls cover them."""
+    return (end - pf) // _line_elements(arr) // calls + 1
 
 
 @njit(cache=True, inline="always")
@@ -640,6 +646,17 @@ def _stage_row_nhwc(stage, x, n, ih, m_, g0, g1, dst0, cbstride, sw, wq, pl):
 # Forward
 # ---------------------------------------------------------------------------
 
+@njit(cache=True)
+def _ring_slot(held, r, key):
+    """Ring slot of staged row ``r`` (``r % len(held)``) and whether the row must be staged there:
+    ``held`` records which row (``key``, unique across images) each slot holds, and is updated."""
+    slot = r % held.shape[0]
+    if held[slot] == key:
+        return slot, False
+    held[slot] = key
+    return slot, True
+
+
 @njit(cache=True, fastmath=FASTMATH)
 def _stage_taps_nhwc(stage, x, held, soff, woff, n, oh, sh, pt, dh, dw, kh_, kw_, eff_h, m_, g0, g1,
                      slotlen, cbstride, sw, wq, pl, cp, L):
@@ -653,9 +670,8 @@ def _stage_taps_nhwc(stage, x, held, soff, woff, n, oh, sh, pt, dh, dw, kh_, kw_
         ih = oh * sh - pt + kh * dh
         slot = zero_slot
         if 0 <= ih < h_:
-            slot = ih % eff_h
-            if held[slot] != n * h_ + ih:
-                held[slot] = n * h_ + ih
+            slot, fresh = _ring_slot(held, ih, n * h_ + ih)
+            if fresh:
                 _stage_row_nhwc(stage, x, n, ih, m_, g0, g1, slot * slotlen, cbstride, sw, wq, pl)
         for ph in range(sw):  # by phase, so that a filter row's taps form runs
             for kw in range(kw_):
@@ -708,12 +724,12 @@ def _forward_nhwc(x, wts, bias, has_bias, lo, hi, out, kh_, kw_, sh, sw, dh, dw,
                 # computes (two rows ahead measured better than one: 3.2 -> 3.0 ms on 32x112x112x32)
                 pf, pf_end = _next_rows_nhwc(x, n, oh + 1, oh_, sh, pt, (kh_ - 1) * dh, min(sh, eff_h),
                                              row + 2 < r1 and g1 - g0 == blocks)
-                per = (pf_end - pf) // (64 // x.itemsize) // ((ow_ + BLOCK - 1) // BLOCK * (g1 - g0)) + 1
+                per = _per_call(x, pf, pf_end, (ow_ + BLOCK - 1) // BLOCK * (g1 - g0))
                 # unless streaming, the next output row is fetched for ownership while this one
                 # computes; each store would wait on it (8x56x56x144, one thread: 3.6 -> 2.2 ms)
                 wf = (orow + ow_) * cm
                 wf_end = wf + ow_ * cm if not stream and row + 1 < r1 and g1 - g0 == blocks else wf
-                wper = (wf_end - wf) // (64 // out.itemsize) // ((ow_ + BLOCK - 1) // BLOCK * (g1 - g0)) + 1
+                wper = _per_call(out, wf, wf_end, (ow_ + BLOCK - 1) // BLOCK * (g1 - g0))
                 for cb in range(g0, g1):
                     sb = (cb - g0) * cbstride
                     wb = cb * L
@@ -801,9 +817,8 @@ def _forward_nhwc_narrow(x, wpat, bpat, has_bias, lo, hi, out, kh_, kw_, sh, dh,
                 ih = oh * sh - pt + kh * dh
                 slot = eff_h
                 if 0 <= ih < h_:
-                    slot = ih % eff_h
-                    if held[slot] != n * h_ + ih:
-                        held[slot] = n * h_ + ih
+                    slot, fresh = _ring_slot(held, ih, n * h_ + ih)
+                    if fresh:
                         src = (n * h_ + ih) * w_ * c_
                         dst = slot * slotlen + pl * c_
                         for i in range(0, w_ * c_, L):
@@ -967,7 +982,7 @@ def _forward_nchw(x, wts, bias, has_bias, lo, hi, out, kh_, kw_, sh, sw, dh, dw,
                 a = b - rb  # a short last unit overlaps the previous one
             _stage_rows_nchw(stage, flat_x, plane * h_ * w_, h_, w_, a * sh - pt, (b - a - 1) * sh + eff_h, seg, sw, pl)
             pf, pf_end = _next_unit_nchw(x, unit + 1 < u1, unit + 1, chunks, crows, sh, pt, nrows)
-            per = (pf_end - pf) // (64 // x.itemsize) // (m_ * ((b - a + rb - 1) // rb) * vecs) + 1
+            per = _per_call(x, pf, pf_end, m_ * ((b - a + rb - 1) // rb) * vecs)
             for q in range(m_):
                 j = c * m_ + q
                 wb = j * taps
@@ -1075,10 +1090,9 @@ def _backprop_input_nhwc(dy, wts, dx, kh_, kw_, sh, sw, dh, dw, pt, pl, tasks, g
                     if u < 0 or u % sh != 0 or u // sh >= oh_:
                         continue
                     oh = u // sh
-                    slot = oh % slots
+                    slot, fresh = _ring_slot(held, oh, n * oh_ + oh)
                     kslot[kh] = slot
-                    if held[slot] != n * oh_ + oh:
-                        held[slot] = n * oh_ + oh
+                    if fresh:
                         _stage_dy_row_nhwc(stage, dy, n, oh, c_, m_, g0, g1, slot * slotlen, cbstride, owp, padl)
                 xrow = (n * h_ + ih) * w_
                 # the dy row the next input row adds (its kh = 0 tap), prefetched during this row
@@ -1088,11 +1102,11 @@ def _backprop_input_nhwc(dy, wts, dx, kh_, kw_, sh, sw, dh, dw, pt, pl, tasks, g
                 if row + 1 < r1 and ih + 1 < h_ and u % sh == 0 and u // sh < oh_ and g1 - g0 == blocks:
                     pf = (n * oh_ + u // sh) * ow_ * cm
                     pf_end = pf + ow_ * cm
-                per = (pf_end - pf) // (64 // dy.itemsize) // (((w_ + BLOCK - 1) // BLOCK) * (g1 - g0)) + 1
+                per = _per_call(dy, pf, pf_end, ((w_ + BLOCK - 1) // BLOCK) * (g1 - g0))
                 # unless streaming, the next dx row is fetched for ownership (as in the forward)
                 wf = (xrow + w_) * c_
                 wf_end = wf + w_ * c_ if not stream and row + 1 < r1 and g1 - g0 == blocks else wf
-                wper = (wf_end - wf) // (64 // dx.itemsize) // (((w_ + BLOCK - 1) // BLOCK) * (g1 - g0)) + 1
+                wper = _per_call(dx, wf, wf_end, ((w_ + BLOCK - 1) // BLOCK) * (g1 - g0))
                 for r in range(min(sw, w_)):
                     t = 0
                     for kh in range(kh_):
@@ -1347,7 +1361,7 @@ def _backprop_input_nchw(dy, wts, dx, kh_, kw_, sh, sw, dh, dw, pt, pl, tasks, s
             if pf >= (plane * m_ + 1) * plane_dy:
                 pf = (plane + 1) * m_ * plane_dy
             pf_end = min(pf + m_ * nrows * ow_, dy.size) if unit + 1 < u1 else pf
-            per = (pf_end - pf) // (64 // dy.itemsize) // ((ib - ia + rb - 1) // rb * ((w_ + L - 1) // L)) + 1
+            per = _per_call(dy, pf, pf_end, (ib - ia + rb - 1) // rb * ((w_ + L - 1) // L))
             i0 = ia
             while i0 < ib:
                 if i0 + rb > ib:
@@ -1526,12 +1540,12 @@ def _backprop_filter_nhwc(x, dy, partial, kh_, kw_, sh, sw, dh, dw, pt, pl, budg
                 drow = (n * oh_ + oh) * ow_
                 ahead = row + 1 < r1 and g1 - g0 == blocks
                 pf, pf_end = _next_rows_nhwc(x, n, oh, oh_, sh, pt, (kh_ - 1) * dh, min(sh, eff_h), ahead)
-                per = (pf_end - pf) // (64 // x.itemsize) // (ow_ // BLOCK * (g1 - g0) + 1) + 1
+                per = _per_call(x, pf, pf_end, ow_ // BLOCK * (g1 - g0) + 1)
                 # the next row of dy too: the hardware prefetcher does not keep up with two streams
                 # (8x56x56x144, 2 threads: 3.7 -> 1.6 ms)
                 qf = (drow + ow_) * cm
                 qf_end = (drow + 2 * ow_) * cm if ahead else qf
-                qper = (qf_end - qf) // (64 // dy.itemsize) // (ow_ // BLOCK * (g1 - g0) + 1) + 1
+                qper = _per_call(dy, qf, qf_end, ow_ // BLOCK * (g1 - g0) + 1)
                 for cb in range(g0, g1):
                     sb = (cb - g0) * cbstride
                     wb = cb * L
@@ -1631,8 +1645,8 @@ def _backprop_filter_nchw(x, dy, partial, kh_, kw_, sh, sw, dh, dw, pt, pl, budg
             qf = (nplane * m_ * oh_ + na) * ow_
             qf_end = min(qf + min(crows, oh_ - na) * ow_, dy.size) if more else qf
             calls = m_ * ((b - a + BLOCK - 1) // BLOCK) * vecs
-            per = (pf_end - pf) // (64 // x.itemsize) // calls + 1
-            perq = (qf_end - qf) // (64 // dy.itemsize) // calls + 1
+            per = _per_call(x, pf, pf_end, calls)
+            perq = _per_call(dy, qf, qf_end, calls)
             for q in range(m_):
                 j = c * m_ + q
                 accv[:] = 0
@@ -1773,6 +1787,12 @@ def _stream(result):
     return result.itemsize >= 4 and result.nbytes >= STREAM_BYTES and result.ctypes.data % 64 == 0
 
 
+def _stream_rows(result, width):
+    """:func:`_stream` for the NCHW kernels, which stream only rows of ``width`` elements that
+    are whole cache lines, straight from registers (through a row buffer it did not pay)."""
+    return _stream(result) and (width * result.itemsize) % 64 == 0
+
+
 def _tasks(units):
     return max(1, min(numba.get_num_threads(), units))
 
@@ -1837,8 +1857,7 @@ def forward(x, f, geom, out=None, bias=None, activation="linear"):
         else:
             rows = 8 if geom.out_height >= 8 else (4 if geom.out_height >= 4 else 1)
             units = geom.batch * geom.channels * -(-geom.out_height // rows)
-            # streaming pays only when rows are whole cache lines and stored straight from registers
-            stream = _stream(ys) and (geom.out_width * ys.itemsize) % 64 == 0
+            stream = _stream_rows(ys, geom.out_width)
             _forward_nchw(xs, np.ascontiguousarray(filt.T).ravel(), b, bias is not None, lo, hi, ys, *geo,
                           _tasks(units), stream, NCHW_STAGE_BYTES // np.dtype(acc).itemsize)
     return _deliver(result, out)
@@ -1878,8 +1897,7 @@ def backprop_input(f, dy, geom, out=None):
                                  _bpi_group(geom, cp, lanes, budget), _stream(xs))
         else:
             wts = np.ascontiguousarray(filt.reshape(kh * kw, c * m).T).ravel()
-            # as in the forward, streaming pays only for rows of whole cache lines, stored from registers
-            stream = _stream(xs) and (geom.in_width * xs.itemsize) % 64 == 0
+            stream = _stream_rows(xs, geom.in_width)
             _backprop_input_nchw(ys, wts, xs, kh, kw, *geo, _tasks(geom.batch * geom.channels * geom.in_height),
                                  stream, NCHW_STAGE_BYTES // np.dtype(acc).itemsize)
     return _deliver(result, out)
