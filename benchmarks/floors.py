@@ -49,8 +49,8 @@ def _read(arr, lo, hi, s0, s1, s2, s3):
 @njit(parallel=True, cache=True)
 def _touch(inputs_a, inputs_b, out, tasks):
     """Read every element of ``inputs_a`` and ``inputs_b`` and write every element of ``out``,
-    in 64-byte vectors (nbdw's explicit SIMD; a plain loop is not vectorised and runs at a
-    tenth of the copy speed). A tail shorter than a vector is left out."""
+    in vectors (nbdw's explicit SIMD, :data:`nbdw.simd.VECTOR_BYTES` wide; a plain loop is not
+    vectorised and runs at a tenth of the copy speed). A tail shorter than a vector is left out."""
     part = np.zeros(tasks, inputs_a.dtype)
     L = vlanes(out)
     for t in prange(tasks):

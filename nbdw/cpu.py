@@ -14,14 +14,14 @@ speed of memory. Each task works through its rows in three steps:
    per-task buffer that stays in cache. The copy carries the zero padding (so border pixels need
    no bounds checks), splits columns by stride phase (so strided taps become unit-stride reads),
    expands channels for a multiplier > 1 (lane shuffles for 2, 4 and 8, lane selects
-   otherwise), and lays each 64-byte channel block out contiguously. NHWC rows are kept in a
+   otherwise), and lays each vector's channel block out contiguously. NHWC rows are kept in a
    ring and staged once per task, not once per tap; an NCHW work unit is a run of row blocks of
    one plane (a whole small plane) staged at once.
    The next rows' input (and in NHWC backprop filter the next row of ``dy``) is prefetched
    while the current ones compute; results that are not streamed have their next row
    fetched for ownership.
 2. **Compute.** A tap table lists, for the row, each tap's offset in the stage and in the
-   filter. A register-blocked micro-kernel accumulates eight 64-byte vectors at once (eight
+   filter. A register-blocked micro-kernel accumulates eight vectors at once (eight
    output pixels along the row in NHWC, eight output rows in NCHW) from one base address with
    constant displacements. Taps whose inputs lie one vector apart (a stride-1 filter row in
    NHWC, a filter column in NCHW) form runs, along which the eight input vectors slide in
@@ -31,18 +31,20 @@ speed of memory. Each task works through its rows in three steps:
    every filter size, stride, dilation and multiplier; no per-size specialisation is compiled.
 3. **Store**, with the fused bias/clamp epilogue of the forward op and one rounding to the
    output dtype. Large NHWC outputs of 32/64-bit data are written with non-temporal stores
-   (no read-for-ownership of lines that are about to be overwritten). NCHW rows shorter than
+   (no read-for-ownership of lines that are about to be overwritten) when a vector is a whole
+   cache line (AVX-512); NCHW rows of whole lines are, whatever the vector width. NCHW rows shorter than
    a vector go to a row buffer as whole vectors and out in one copy per block: a masked store
    costs about 70 cycles on this hardware.
 
 Large results reuse the memory of dropped earlier ones (:class:`_ResultPool`), which spares
 the operating system's zeroing of fresh pages.
 
-The vectors are explicit (:mod:`nbdw.simd`): 16 float32 or 8 float64 lanes, over channels in
-NHWC and over width in NCHW. An NHWC forward with fewer channels than lanes (multiplier 1, column
-stride 1) treats each row as one flat run of width x channels values instead, with the filter
-as a pattern repeating every C lanes (:func:`_forward_nhwc_narrow`): 3 channels would otherwise
-leave 13 of 16 lanes idle. Backprop filter keeps per-task partial sums (one per tap and
+The vectors are explicit (:mod:`nbdw.simd`), as wide as the target's registers: 64 bytes with
+AVX-512 (16 float32 or 8 float64 lanes), 32 with AVX2; over channels in NHWC and over width in
+NCHW. An NHWC forward with fewer channels than lanes (multiplier 1, column stride 1) treats
+each row as one flat run of width x channels values instead, with the filter as a pattern
+repeating every C lanes (:func:`_forward_nhwc_narrow`): 3 channels would otherwise leave 13 of
+16 lanes (5 of 8 with AVX2) idle. Backprop filter keeps per-task partial sums (one per tap and
 channel) in cache, adds eight pixels per tap per load/store of the accumulator, and reduces
 the per-task partials once, in task order: bitwise repeatable for a given thread count.
 Backprop input stays a gather: each input element is computed whole by one task.
@@ -68,7 +70,7 @@ from numba.extending import intrinsic, overload
 from . import spec
 from .simd import (prefetch, prefetch_write, store_fence, vadd, vbroadcast, vclamp, veven, vfma, vlanes, vload,
                    vload_lanes, vload_n, vodd, vrepeat2, vrepeat4, vrepeat8, vselect_lanes, vsplat, vstore, vstore_n,
-                   vstream, vsum, vzero, vzip_hi, vzip_lo)
+                   vstream, vsum, vzero, vzip_hi, vzip_lo, VECTOR_BYTES)
 
 # Like fastmath=True but keeping NaN and Inf semantics (no nnan/ninf), so NaNs propagate.
 FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
@@ -637,7 +639,7 @@ def _stage_row_nhwc(stage, x, n, ih, m_, g0, g1, dst0, cbstride, sw, wq, pl):
                     vstore(stage, dst + (cb - g0) * cbstride, vload(x, src + cb * L))
                 if full < g1:
                     vstore(stage, dst + (full - g0) * cbstride, vload_n(x, src + full * L, c_ - full * L))
-        elif m_ == 2 or m_ == 4 or m_ == 8:
+        elif (m_ == 2 or m_ == 4 or m_ == 8) and m_ <= L:
             # block cb holds input channels cb * L / m_ .. (cb + 1) * L / m_, each repeated m_ times
             per = L // m_
             for col in range(hi - lo):
@@ -1738,7 +1740,7 @@ def as_array(obj, name):
 
 
 def _lanes(acc):
-    return 64 // np.dtype(acc).itemsize
+    return VECTOR_BYTES // np.dtype(acc).itemsize
 
 
 def _kernel_view(array, dtype):
@@ -1811,17 +1813,27 @@ def _empty_aligned(shape, dtype):
     return raw[skip:skip + size * dtype.itemsize].view(dtype).reshape(shape)
 
 
-def _stream(result):
-    """Whether an NHWC kernel should write ``result`` with non-temporal stores: large, 64-byte
-    aligned, and 32- or 64-bit data (a 16-bit vector is half a cache line whose other half is
-    written much later, and streaming it measured slower)."""
+def _streamable(result):
+    """Whether ``result`` may be written with non-temporal stores: large, 64-byte aligned, and
+    32- or 64-bit data."""
     return result.itemsize >= 4 and result.nbytes >= STREAM_BYTES and result.ctypes.data % 64 == 0
 
 
+def _stream(result):
+    """Whether an NHWC kernel should write ``result`` with non-temporal stores: only when one
+    stored vector is a whole cache line (64-byte vectors). A smaller one is half a line whose
+    other half (the next channel block) is written much later: streaming it measured slower,
+    for 16-bit data, and with AVX2's 32-byte vectors (Zen 3, backprop input 112x112x32: 1.6x,
+    stride 2: 2.9x). Through a row buffer streamed out in address order it did not pay either
+    (Zen 3: forward 1.10x, backprop input 1.04x the time of ordinary stores)."""
+    return _streamable(result) and VECTOR_BYTES >= 64  # a 32/64-bit vector stores VECTOR_BYTES
+
+
 def _stream_rows(result, width):
-    """:func:`_stream` for the NCHW kernels, which stream only rows of ``width`` elements that
-    are whole cache lines, straight from registers (through a row buffer it did not pay)."""
-    return _stream(result) and (width * result.itemsize) % 64 == 0
+    """:func:`_streamable` for the NCHW kernels, which stream only rows of ``width`` elements
+    that are whole cache lines, straight from registers, in address order (so the halves of a
+    line are written together; through a row buffer it did not pay)."""
+    return _streamable(result) and (width * result.itemsize) % 64 == 0
 
 
 def _tasks(units):

@@ -2,10 +2,12 @@
 
 LLVM's loop vectoriser only vectorises innermost loops and, with runtime strides, keeps one
 address register per stream, so register-blocked depthwise loops either stay scalar or spill.
-These intrinsics let a kernel hold 64-byte vectors in variables instead: 16 float32 lanes (the
-accumulator of float16, bfloat16 and float32 data) or 8 float64 lanes. LLVM lowers them to one
-zmm register each with AVX-512, to two ymm registers with AVX2, and to whatever the target has
-elsewhere, so the kernels stay portable.
+These intrinsics let a kernel hold vectors in variables instead, as wide as the target's
+registers (:data:`VECTOR_BYTES`): with AVX-512, 64 bytes, 16 float32 lanes (the accumulator of
+float16, bfloat16 and float32 data) or 8 float64 lanes; with AVX2, 32 bytes, 8 or 4 lanes.
+LLVM would also lower 64-byte vectors to pairs of ymm registers on AVX2, but the kernels keep
+eight accumulators and up to eight inputs live, which then no longer fit in 16 registers: on a
+Zen 3 (AVX2) machine, forward ran 1.6-2.5x slower with 64-byte vectors than with 32-byte ones.
 
 Loads and stores take an array and a flat element offset into its data (the caller does the
 index arithmetic, so a block of pixels shares one base address and constant displacements).
@@ -20,13 +22,47 @@ clear ``nbdw/__pycache__`` so that cached kernels are rebuilt with the new intri
 
 from __future__ import annotations
 
+import os
+
 from llvmlite import ir
 from numba import types
-from numba.core import cgutils
+from numba.core import cgutils, config
 from numba.extending import intrinsic, models, register_model
 
-#: Vector size in bytes; lanes are 16 for float32 accumulators and 8 for float64.
-VECTOR_BYTES = 64
+
+def target_vector_bytes(features=None):
+    """The vector size, in bytes, for a target with LLVM feature string ``features`` (default:
+    the one Numba compiles for, ``NUMBA_CPU_FEATURES`` or the host's): 64 with AVX-512F, 32 with
+    AVX or AVX2, 16 on other x86 targets; 64 elsewhere (not measured: LLVM splits it).
+
+    ``NBDW_VECTOR_BYTES`` (16, 32 or 64) overrides it, for tests and experiments. Numba's on-disk
+    cache does not see this setting: give such a process a ``NUMBA_CACHE_DIR`` of its own.
+    """
+    forced = os.environ.get("NBDW_VECTOR_BYTES", "").strip()
+    if forced:
+        if forced not in ("16", "32", "64"):
+            raise ValueError(f"NBDW_VECTOR_BYTES must be 16, 32 or 64, got {forced!r}")
+        return int(forced)
+    if features is None:
+        features = config.CPU_FEATURES
+    if features is None:
+        try:
+            from llvmlite import binding
+
+            features = binding.get_host_cpu_features().flatten()
+        except RuntimeError:  # LLVM cannot read this host's features
+            return 64
+    enabled = {f[1:] for f in features.split(",") if f.startswith("+")}
+    if "avx512f" in enabled:
+        return 64
+    if "avx2" in enabled or "avx" in enabled:
+        return 32
+    return 16 if "sse2" in enabled else 64
+
+
+#: Vector size in bytes, fixed at import (:func:`target_vector_bytes`); the lanes of a vector
+#: are ``VECTOR_BYTES // 4`` for float32 accumulators and ``VECTOR_BYTES // 8`` for float64.
+VECTOR_BYTES = target_vector_bytes()
 
 # Same set as nbdw.cpu.FASTMATH (kept here to avoid an import cycle): NaN/Inf semantics kept.
 _FLAGS = ("nsz", "arcp", "contract", "afn", "reassoc")

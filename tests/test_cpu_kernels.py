@@ -6,8 +6,8 @@ pixels; 7 for rows of 7k pixels), channel tails (masked vectors), several channe
 STAGE_BYTES), non-temporal stores (forced by STREAM_BYTES = 0), the NCHW row blocks (8, 7, 4, 1),
 stride-phase staging (vector paths for strides 1 and 2, scalar for 3), the multiplier's
 staging (lane shuffles for 2, 4 and 8, lane selects otherwise), the flat-row forward for fewer channels
-than lanes, the exact backprop-input kernel for non-finite filters, float64's 8-lane
-vectors, zero sizes, and the fused bias/clamp epilogue. The kernels use no per-filter-size
+than lanes, the exact backprop-input kernel for non-finite filters, float64's vectors
+(half as many lanes as float32's), zero sizes, and the fused bias/clamp epilogue. The kernels use no per-filter-size
 specialisation: every filter size runs the same compiled code.
 """
 
@@ -170,7 +170,8 @@ def test_nchw_work_units_of_several_blocks(op, monkeypatch):
         cfg = _make("NCHW", (2, 37 * strides[0], 20, 3), (3, 3, 3, 2), strides, dilations)
         sw, ow = strides[1], -(-20 // strides[1])  # SAME
         wq = -(-((ow - 1) * sw + 2 * dilations[1] + 1) // sw)
-        rowlen = sw * ((wq + 2 * 16 - 1) // 16 * 16)  # a staged row, as the kernel lays it out
+        lanes = cpu._lanes(np.float32)
+        rowlen = sw * ((wq + 2 * lanes - 1) // lanes * lanes)  # a staged row, as the kernel lays it out
         staged = (16 - 1) * strides[0] + 2 * dilations[0] + 1
         monkeypatch.setattr(cpu, "NCHW_STAGE_BYTES", staged * rowlen * 4)
         assert cpu._chunk_rows.py_func(37, 8, strides[0], 2 * dilations[0] + 1, rowlen, staged * rowlen) == 16
@@ -188,7 +189,7 @@ def test_forward_with_fewer_channels_than_lanes(dtype, monkeypatch):
     narrow = cpu._forward_nhwc_narrow
     monkeypatch.setattr(cpu, "_forward_nhwc_narrow", lambda *a: calls.append(1) or narrow(*a))
     rng = np.random.default_rng(7)
-    lanes = 64 // cpu.spec.accumulator_dtype(dtype).itemsize
+    lanes = cpu._lanes(cpu.spec.accumulator_dtype(dtype))
     cases = [((2, 5, 131, 3), (3, 3), (1, 1), (1, 1), "SAME"),
              ((1, 4, 140, 1), (1, 5), (2, 1), (1, 2), "SAME"),
              ((2, 7, 29, 5), (3, 2), (1, 1), (2, 3), "EXPLICIT"),
@@ -200,8 +201,10 @@ def test_forward_with_fewer_channels_than_lanes(dtype, monkeypatch):
         cfg = _make("NHWC", nhwc, (kh, kw, c, 1), strides, dilations, kind, ((1, 2), (3, 0)))
         _check("forward", cfg, dtype, rng)
         _check("forward", cfg, dtype, rng, bias=(3 * rng.standard_normal(c)).astype(dtype), activation="relu6")
-    narrow_cases = sum(nhwc[3] < lanes for nhwc, *_ in cases)  # 12 channels fill float64's 8 lanes
-    assert narrow_cases >= 5 and len(calls) == 2 * narrow_cases
+    # fewer channels than lanes only (with 64-byte vectors, 5 of 6 cases for float64's 8 lanes;
+    # with 32-byte ones, 4 for its 4 lanes)
+    narrow_cases = sum(nhwc[3] < lanes for nhwc, *_ in cases)
+    assert narrow_cases >= min(5, lanes) and len(calls) == 2 * narrow_cases
     # more channels than lanes, a multiplier, or a column stride take the general kernel
     for cfg in (_make("NHWC", (1, 4, 20, lanes + 1), (3, 3, lanes + 1, 1), (1, 1), (1, 1)),
                 _make("NHWC", (1, 4, 20, 3), (3, 3, 3, 2), (1, 1), (1, 1)),

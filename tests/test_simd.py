@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from numba import njit
 
-from nbdw.simd import prefetch, prefetch_write, vload, vselect_lanes, vstore
+from nbdw.simd import VECTOR_BYTES, prefetch, prefetch_write, target_vector_bytes, vload, vselect_lanes, vstore
 
 
 @njit
@@ -40,11 +40,32 @@ def _select(a, b, first, stop, out):
 
 @pytest.mark.parametrize("first, stop", [(0, 16), (3, 9), (-5, 2), (14, 40), (7, 7), (9, 3)])
 def test_select_lanes_takes_a_lane_range_unchanged(first, stop):
-    a = np.arange(16, dtype=np.float32)
-    b = np.array([np.nan, -0.0, np.inf, -np.inf] * 4, dtype=np.float32)
-    out = np.empty(16, np.float32)
+    n = VECTOR_BYTES // 4  # float32 lanes
+    a = np.arange(n, dtype=np.float32)
+    b = np.array([np.nan, -0.0, np.inf, -np.inf] * (n // 4), dtype=np.float32)
+    out = np.empty(n, np.float32)
     _select(a, b, first, stop, out)
-    lanes = np.arange(16)
+    lanes = np.arange(n)
     expected = np.where((lanes >= first) & (lanes < stop), b, a)
     np.testing.assert_array_equal(out, expected)  # NaN equal to NaN
     assert np.array_equal(np.signbit(out), np.signbit(expected))  # -0.0 stays -0.0
+
+
+@pytest.mark.parametrize("features, expected", [
+    ("+avx512f,+avx2,+avx,+sse2", 64),     # AVX-512 (Zen 4, Skylake-SP and later)
+    ("-avx512f,+avx2,+avx,+sse2", 32),     # AVX2 (Zen 3, Haswell to Comet Lake)
+    ("-avx512f,-avx2,+avx,+sse2", 32),
+    ("-avx512f,-avx2,-avx,+sse4.2,+sse2", 16),
+    ("+neon,+fp-armv8", 64),               # not x86: unmeasured, LLVM splits the vectors
+])
+def test_vector_width_follows_the_target_features(features, expected, monkeypatch):
+    monkeypatch.delenv("NBDW_VECTOR_BYTES", raising=False)
+    assert target_vector_bytes(features) == expected
+
+
+def test_vector_width_override_is_checked(monkeypatch):
+    monkeypatch.setenv("NBDW_VECTOR_BYTES", "32")
+    assert target_vector_bytes("+avx512f") == 32
+    monkeypatch.setenv("NBDW_VECTOR_BYTES", "48")
+    with pytest.raises(ValueError, match="NBDW_VECTOR_BYTES must be 16, 32 or 64, got '48'"):
+        target_vector_bytes()
