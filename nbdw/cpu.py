@@ -32,8 +32,8 @@ speed of memory. Each task works through its rows in three steps:
 3. **Store**, with the fused bias/clamp epilogue of the forward op and one rounding to the
    output dtype. Large NHWC outputs of 32/64-bit data are written with non-temporal stores
    (no read-for-ownership of lines that are about to be overwritten) when a vector is a whole
-   cache line (AVX-512); NCHW rows of whole lines are, whatever the vector width. NCHW rows shorter than
-   a vector go to a row buffer as whole vectors and out in one copy per block: a masked store
+   cache line (AVX-512; with 32-byte vectors streaming half lines measured slower, in both
+   layouts). NCHW rows shorter than a vector go to a row buffer as whole vectors and out in one copy per block: a masked store
    costs about 70 cycles on this hardware.
 
 Large results reuse the memory of dropped earlier ones (:class:`_ResultPool`), which spares
@@ -1813,20 +1813,15 @@ def _empty_aligned(shape, dtype):
     return raw[skip:skip + size * dtype.itemsize].view(dtype).reshape(shape)
 
 
-def _streamable(result):
-    """Whether ``result`` may be written with non-temporal stores: large, 64-byte aligned, and
-    32- or 64-bit data."""
-    return result.itemsize >= 4 and result.nbytes >= STREAM_BYTES and result.ctypes.data % 64 == 0
-
-
 def _stream(result):
-    """Whether an NHWC kernel should write ``result`` with non-temporal stores: only when one
-    stored vector is a whole cache line (64-byte vectors). A smaller one is half a line whose
-    other half (the next channel block) is written much later: streaming it measured slower,
-    for 16-bit data, and with AVX2's 32-byte vectors (Zen 3, backprop input 112x112x32: 1.6x,
-    stride 2: 2.9x). Through a row buffer streamed out in address order it did not pay either
+    """Whether an NHWC kernel should write ``result`` with non-temporal stores: large, 64-byte
+    aligned, 32- or 64-bit data, and only when one stored vector is a whole cache line (64-byte
+    vectors). A smaller one is half a line whose other half (the next channel block) is written
+    much later: streaming it measured slower, for 16-bit data, and with AVX2's 32-byte vectors
+    (Zen 3, backprop input 112x112x32: 1.6x, stride 2: 2.9x). Through a row buffer streamed out in address order it did not pay either
     (Zen 3: forward 1.10x, backprop input 1.04x the time of ordinary stores)."""
-    return _streamable(result) and VECTOR_BYTES >= 64  # a 32/64-bit vector stores VECTOR_BYTES
+    return (VECTOR_BYTES >= 64 and result.itemsize >= 4 and result.nbytes >= STREAM_BYTES
+            and result.ctypes.data % 64 == 0)
 
 
 def _stream_rows(result, width):

@@ -6,9 +6,9 @@ pixels; 7 for rows of 7k pixels), channel tails (masked vectors), several channe
 STAGE_BYTES), non-temporal stores (forced by STREAM_BYTES = 0), the NCHW row blocks (8, 7, 4, 1),
 stride-phase staging (vector paths for strides 1 and 2, scalar for 3), the multiplier's
 staging (lane shuffles for 2, 4 and 8, lane selects otherwise), the flat-row forward for fewer channels
-than lanes, the exact backprop-input kernel for non-finite filters, float64's vectors
-(half as many lanes as float32's), zero sizes, and the fused bias/clamp epilogue. The kernels use no per-filter-size
-specialisation: every filter size runs the same compiled code.
+than lanes, the exact backprop-input kernel for non-finite filters, float64's vectors (half
+as many lanes as float32's), zero sizes, and the fused bias/clamp epilogue. The kernels use no
+per-filter-size specialisation: every filter size runs the same compiled code.
 """
 
 import ml_dtypes
