@@ -25,7 +25,8 @@ speed of memory. Each task works through its rows in three steps:
    output pixels along the row in NHWC, eight output rows in NCHW) from one base address with
    constant displacements. Taps whose inputs lie one vector apart (a stride-1 filter row in
    NHWC, a filter column in NCHW) form runs, along which the eight input vectors slide in
-   registers (:func:`_slide8`): one load and one weight load per eight FMAs. NHWC rows of 7k
+   registers (:func:`_slide8`): one load and one weight load per eight FMAs. That takes 17
+   vector registers, so only AVX-512 slides (:data:`SLIDE`). NHWC rows of 7k
    pixels (7, 14, 28) take blocks of seven instead, so that no block overlaps the previous
    one. Because the tap loop is a runtime loop over the table, one compiled kernel serves
    every filter size, stride, dilation and multiplier; no per-size specialisation is compiled.
@@ -70,7 +71,7 @@ from numba.extending import intrinsic, overload
 from . import spec
 from .simd import (prefetch, prefetch_write, store_fence, vadd, vbroadcast, vclamp, veven, vfma, vlanes, vload,
                    vload_lanes, vload_n, vodd, vrepeat2, vrepeat4, vrepeat8, vselect_lanes, vsplat, vstore, vstore_n,
-                   vstream, vsum, vzero, vzip_hi, vzip_lo, VECTOR_BYTES)
+                   vstream, vsum, vzero, vzip_hi, vzip_lo, VECTOR_BYTES, VECTOR_REGISTERS)
 
 # Like fastmath=True but keeping NaN and Inf semantics (no nnan/ninf), so NaNs propagate.
 FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
@@ -86,6 +87,16 @@ NCHW_STAGE_BYTES = 24 * 1024
 
 #: Output pixels (NHWC) or rows (NCHW) computed together by the micro-kernel.
 BLOCK = 8
+
+#: Whether runs of taps slide their input vectors in registers (:func:`_slide8`,
+#: :func:`_grad_slide8`). The window holds BLOCK inputs beside BLOCK accumulators and the weight,
+#: 2 * BLOCK + 1 registers. With AVX2's 16, LLVM spills, and where it spills depends on the
+#: compile: Numba links a kernel's parallel loop into the kernel and optimises it again, so the
+#: copy run from the on-disk cache is not the one a first call runs, and the same source gave
+#: NCHW forward 4-5 ms or 12 ms (8x96x56x56, 7x7), accumulators stored and reloaded every tap.
+#: Loading each tap's inputs instead (:func:`_mac8`) needs 10 registers and measured equal or
+#: faster on a Zen 3 (all 48 table cases, both from the cache: geomean 0.99, 0.86 at best).
+SLIDE = VECTOR_REGISTERS > 2 * BLOCK
 
 #: Results at least this large are written with non-temporal stores: bypassing the caches saves
 #: the read-for-ownership of every line (a third of the memory traffic of a streaming kernel).
@@ -747,7 +758,7 @@ def _forward_nhwc(x, wts, bias, has_bias, lo, hi, out, kh_, kw_, sh, sw, dh, dw,
                 t = _stage_taps_nhwc(stage, x, held, soff, woff, n, oh, sh, pt, dh, dw, kh_, kw_, eff_h,
                                      cm // x.shape[3], g0, g1, slotlen, cbstride, sw, wq, pl, cp, L)
                 nruns = _runs(soff, woff, t, L, runs)
-                slide = 2 * nruns <= t  # runs of two taps or more on average: sliding pays
+                slide = SLIDE and 2 * nruns <= t  # runs of two taps or more on average: sliding pays
                 fixed = _run_length(runs, nruns)
                 orow = (n * oh_ + oh) * ow_
                 # the input rows the output row after next will stage, prefetched while this one
@@ -997,7 +1008,7 @@ def _forward_nchw(x, wts, bias, has_bias, lo, hi, out, kh_, kw_, sh, sw, dh, dw,
                 woff[t] = kh * kw_ + kw
                 t += 1
         nruns = _runs(soff, woff, taps, sh * rowlen, runs)
-        slide = 2 * nruns <= taps and rb >= 7
+        slide = SLIDE and 2 * nruns <= taps and rb >= 7
         fixed = _run_length(runs, nruns)
         lov = vsplat(wts, lo)
         hiv = vsplat(wts, hi)
@@ -1152,7 +1163,7 @@ def _backprop_input_nhwc(dy, wts, dx, kh_, kw_, sh, sw, dh, dw, pt, pl, tasks, g
                                 woff[t] = ((kh * kw_ + kw) * m_ + q) * cp
                                 t += 1
                     nruns = _runs(soff, woff, t, L, runs)
-                    slide = 2 * nruns <= t
+                    slide = SLIDE and 2 * nruns <= t
                     fixed = _run_length(runs, nruns)
                     ni = (w_ - r + sw - 1) // sw
                     sevens = _sevens(ni)
@@ -1384,7 +1395,7 @@ def _backprop_input_nchw(dy, wts, dx, kh_, kw_, sh, sw, dh, dw, pt, pl, tasks, s
                             woff[t] = q * taps + kh * kw_ + kw
                             t += 1
                 nruns = _runs(soff, woff, t, rowlen, runs)
-                slide = 2 * nruns <= t
+                slide = SLIDE and 2 * nruns <= t
                 fixed = _run_length(runs, nruns)
             wb = c * m_ * taps
             # prefetch the dy rows after the staged ones (the next unit's, or the next plane's first
@@ -1569,7 +1580,7 @@ def _backprop_filter_nhwc(x, dy, partial, kh_, kw_, sh, sw, dh, dw, pt, pl, budg
                 t = _stage_taps_nhwc(stage, x, held, soff, aoff, n, oh, sh, pt, dh, dw, kh_, kw_, eff_h,
                                      cm // x.shape[3], g0, g1, slotlen, cbstride, sw, wq, pl, cp, L)
                 nruns = _runs(soff, aoff, taps, L, runs)
-                slide = 2 * nruns <= taps
+                slide = SLIDE and 2 * nruns <= taps
                 drow = (n * oh_ + oh) * ow_
                 ahead = row + 1 < r1 and g1 - g0 == blocks
                 pf, pf_end = _next_rows_nhwc(x, n, oh, oh_, sh, pt, (kh_ - 1) * dh, min(sh, eff_h), ahead)
@@ -1656,7 +1667,7 @@ def _backprop_filter_nchw(x, dy, partial, kh_, kw_, sh, sw, dh, dw, pt, pl, budg
                 aoff[t] = (kh * kw_ + kw) * L
                 t += 1
         nruns = _runs(soff, aoff, taps, sh * rowlen, runs)
-        slide = 2 * nruns <= taps
+        slide = SLIDE and 2 * nruns <= taps
         for unit in range(u0, u1):
             plane = unit // chunks
             k = unit - plane * chunks

@@ -64,6 +64,10 @@ def target_vector_bytes(features=None):
 #: are ``VECTOR_BYTES // 4`` for float32 accumulators and ``VECTOR_BYTES // 8`` for float64.
 VECTOR_BYTES = target_vector_bytes()
 
+#: Vector registers the kernels may count on at :data:`VECTOR_BYTES`: 32 with 64-byte vectors
+#: (AVX-512's zmm0-31), 16 otherwise (AVX2's ymm0-15, SSE's xmm0-15).
+VECTOR_REGISTERS = 32 if VECTOR_BYTES == 64 else 16
+
 # Same set as nbdw.cpu.FASTMATH (kept here to avoid an import cycle): NaN/Inf semantics kept.
 _FLAGS = ("nsz", "arcp", "contract", "afn", "reassoc")
 

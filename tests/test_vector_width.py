@@ -6,8 +6,10 @@ lanes (or that a multiplier of 8 fits in a float64 vector) would pass there and 
 other kind. This module reruns the kernel path tests of ``test_cpu_kernels.py`` and the lane
 test of ``test_simd.py`` in a child process for each other width (32 and 64 bytes; 16 only
 where it is the native one), forced with ``NBDW_VECTOR_BYTES``. LLVM lowers every width on any
-x86 target (wider vectors as pairs of registers), so each width runs on every CI machine. The
-child gets a Numba cache directory of its own: Numba's cache key does not see the width.
+x86 target (wider vectors as pairs of registers), so each width runs on every CI machine, and
+with it both tap loops: 64-byte vectors slide inputs in registers (``nbdw.cpu.SLIDE``), narrower
+ones load them per tap. The child gets a Numba cache directory of its own: Numba's cache key
+does not see the width.
 """
 
 import os
@@ -33,9 +35,9 @@ def test_kernel_paths_at_another_vector_width(width, tmp_path):
     env = dict(os.environ, NBDW_VECTOR_BYTES=str(width), NUMBA_CACHE_DIR=str(tmp_path / "numba-cache"))
     env.pop("NUMBA_ENABLE_CUDASIM", None)
     probe = subprocess.run([sys.executable, "-c", "import nbdw.simd as s, nbdw.cpu as c, numpy as np; "
-                            "print(s.VECTOR_BYTES, c._lanes(np.float32), c._lanes(np.float64))"],
+                            "print(s.VECTOR_BYTES, c._lanes(np.float32), c._lanes(np.float64), c.SLIDE)"],
                            env=env, capture_output=True, text=True, check=True)
-    assert probe.stdout.split() == [str(width), str(width // 4), str(width // 8)]
+    assert probe.stdout.split() == [str(width), str(width // 4), str(width // 8), str(width == 64)]
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                           os.path.join(HERE, "test_cpu_kernels.py"), os.path.join(HERE, "test_simd.py"),
                           "-k", SELECTION],
