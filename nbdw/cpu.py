@@ -71,7 +71,7 @@ from numba.extending import intrinsic, overload
 from . import spec
 from .simd import (prefetch, prefetch_write, store_fence, vadd, vbroadcast, vclamp, veven, vfma, vlanes, vload,
                    vload_lanes, vload_n, vodd, vrepeat2, vrepeat4, vrepeat8, vselect_lanes, vsplat, vstore, vstore_n,
-                   vstream, vsum, vzero, vzip_hi, vzip_lo, VECTOR_BYTES, VECTOR_REGISTERS)
+                   vstream, vsum, vzero, vzip_hi, vzip_lo, VECTOR_BYTES, VECTOR_REGISTERS, vload_at)
 
 # Like fastmath=True but keeping NaN and Inf semantics (no nnan/ninf), so NaNs propagate.
 FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
@@ -255,15 +255,15 @@ def _mac8(src, p0, bs, soff, wts, woff, wb, ntaps, bcast, nb=8):
         p = p0 + soff[t]
         wv = vbroadcast(wts, woff[t] + wb) if bcast else vload(wts, woff[t] + wb)
         a0 = vfma(vload(src, p), wv, a0)
-        a1 = vfma(vload(src, p + bs), wv, a1)
-        a2 = vfma(vload(src, p + 2 * bs), wv, a2)
-        a3 = vfma(vload(src, p + 3 * bs), wv, a3)
+        a1 = vfma(vload_at(src, p, bs), wv, a1)
+        a2 = vfma(vload_at(src, p, 2 * bs), wv, a2)
+        a3 = vfma(vload_at(src, p, 3 * bs), wv, a3)
         if nb > 4:
-            a4 = vfma(vload(src, p + 4 * bs), wv, a4)
-            a5 = vfma(vload(src, p + 5 * bs), wv, a5)
-            a6 = vfma(vload(src, p + 6 * bs), wv, a6)
+            a4 = vfma(vload_at(src, p, 4 * bs), wv, a4)
+            a5 = vfma(vload_at(src, p, 5 * bs), wv, a5)
+            a6 = vfma(vload_at(src, p, 6 * bs), wv, a6)
         if nb == 8:
-            a7 = vfma(vload(src, p + 7 * bs), wv, a7)
+            a7 = vfma(vload_at(src, p, 7 * bs), wv, a7)
     return a0, a1, a2, a3, a4, a5, a6, a7
 
 

@@ -235,6 +235,25 @@ def vload(typingctx, arr, offset):
 
 
 @intrinsic
+def vload_at(typingctx, arr, offset, disp):
+    """:func:`vload` at ``offset + disp``, addressed as ``disp`` elements past ``offset``'s
+    element: with ``disp`` a constant, loads that share ``offset`` share one base register
+    (an integer ``offset + disp`` lets LLVM hoist each sum as a loop invariant of its own)."""
+    if not _is_array(arr) or not isinstance(offset, types.Integer) or not isinstance(disp, types.Integer):
+        return None
+    vt = vector_type(arr.dtype)
+
+    def codegen(context, builder, sig, args):
+        ary = context.make_array(sig.args[0])(context, builder, args[0])
+        element = context.get_data_type(arr.dtype)
+        ptr = builder.gep(builder.gep(ary.data, [args[1]], inbounds=True), [args[2]], inbounds=True)
+        ptr = builder.bitcast(ptr, ir.PointerType(ir.VectorType(element, vt.lanes)))
+        return _widen(builder, builder.load(ptr, align=_align(arr)), arr.dtype)
+
+    return vt(arr, offset, disp), codegen
+
+
+@intrinsic
 def vload_n(typingctx, arr, offset, count):
     """Like :func:`vload` for the first ``count`` lanes only; the other lanes are zero and their
     memory is not touched."""

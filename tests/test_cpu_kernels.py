@@ -7,8 +7,7 @@ STAGE_BYTES), non-temporal stores (forced by STREAM_BYTES = 0), the NCHW row blo
 stride-phase staging (vector paths for strides 1 and 2, scalar for 3), the multiplier's
 staging (lane shuffles for 2, 4 and 8, lane selects otherwise), the flat-row forward for fewer channels
 than lanes, the exact backprop-input kernel for non-finite filters, float64's vectors (half
-as many lanes as float32's), zero sizes, and the fused bias/clamp epilogue. The kernels use no
-per-filter-size specialisation: every filter size runs the same compiled code.
+as many lanes as float32's), zero sizes, and the fused bias/clamp epilogue.
 """
 
 import ml_dtypes
@@ -119,6 +118,10 @@ PATH_CASES = [
     ((1, 5, 8, 2), (3, 2, 2, 16), (2, 1), (1, 1)),
     ((1, 6, 9, 7), (3, 3, 7, 5), (1, 1), (1, 1)),  # other multipliers: channels broadcast into lanes
     ((2, 5, 10, 3), (2, 3, 3, 6), (1, 2), (1, 1)),
+    # column stride 2 with an odd width, with column dilation 2 (every tap of one column parity),
+    # with an even filter width
+    ((1, 9, 37, 5), (3, 5, 5, 2), (2, 2), (1, 2)),
+    ((1, 6, 17, 3), (2, 4, 3, 1), (1, 2), (1, 1)),
     # rows of 7k pixels go in blocks of seven (NHWC): 7, 14 and 28 wide, a channel tail, a
     # multiplier, and column stride 2 (backprop input's phases are 14 wide)
     ((1, 6, 7, 16), (3, 3, 16, 1), (1, 1), (1, 1)),

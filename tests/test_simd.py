@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 from numba import njit
 
-from nbdw.simd import VECTOR_BYTES, prefetch, prefetch_write, target_vector_bytes, vload, vselect_lanes, vstore
+from nbdw.simd import (VECTOR_BYTES, prefetch, prefetch_write, target_vector_bytes, vload, vload_at, vselect_lanes,
+                       vstore)
 
 
 @njit
@@ -49,6 +50,24 @@ def test_select_lanes_takes_a_lane_range_unchanged(first, stop):
     expected = np.where((lanes >= first) & (lanes < stop), b, a)
     np.testing.assert_array_equal(out, expected)  # NaN equal to NaN
     assert np.array_equal(np.signbit(out), np.signbit(expected))  # -0.0 stays -0.0
+
+
+@njit
+def _load_at(a, offset, disp, out):
+    vstore(out, 0, vload_at(a, offset, disp))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.uint16])
+@pytest.mark.parametrize("offset, disp", [(0, 0), (5, 3), (9, -4), (0, 17)])
+def test_load_at_reads_offset_plus_displacement(dtype, offset, disp):
+    a = np.arange(64).astype(dtype)
+    n = VECTOR_BYTES // (8 if dtype == np.float64 else 4)
+    out = np.empty(n, np.float64 if dtype == np.float64 else np.float32)
+    _load_at(a, offset, disp, out)
+    expected = a[offset + disp:offset + disp + n]
+    if dtype == np.uint16:  # float16 bits, widened on load
+        expected = expected.view(np.float16)
+    np.testing.assert_array_equal(out, expected.astype(out.dtype))
 
 
 @pytest.mark.parametrize("features, expected", [
