@@ -329,6 +329,22 @@ def test_backprop_filter_bitwise_repeatable_at_batch_one(fmt):
         naive.assert_close(df, ref, abs_terms, np.float32, terms=37 * 15, what=f"{threads} threads")
 
 
+@pytest.mark.parametrize("op", ["forward", "backprop_input"])
+@pytest.mark.parametrize("stage_bytes", [1, 1 << 20])
+def test_nchw_row_tails_with_more_tasks_than_threads(op, stage_bytes, monkeypatch):
+    """NCHW blocks whose rows end mid-vector, under many tasks over few planes: work units of one
+    block (several per plane, the planes of a unit interleaving with the next unit's in memory)
+    and of whole planes, multipliers 1 and 3, 1 to 9 columns. Every lane must hold its own
+    result, whichever task wrote next to it."""
+    monkeypatch.setattr(cpu, "_tasks", lambda units: max(1, min(units, 7)))
+    monkeypatch.setattr(cpu, "NCHW_STAGE_BYTES", stage_bytes)
+    rng = np.random.default_rng(11)
+    for nhwc, fshape in (((2, 9, 5, 3), (3, 3, 3, 1)), ((1, 13, 3, 2), (3, 2, 2, 3)), ((3, 4, 1, 2), (1, 1, 2, 1)),
+                         ((1, 6, 9, 4), (5, 5, 4, 3))):
+        for dtype in (np.dtype(np.float32), np.dtype(np.float16)):
+            _check(op, _make("NCHW", nhwc, fshape, (1, 1), (1, 1)), dtype, rng)
+
+
 @pytest.mark.parametrize("fmt", ["NHWC", "NCHW"])
 def test_forward_and_backprop_input_do_not_depend_on_the_split(fmt):
     """Each output element is computed whole by one task, so the thread count changes no bit."""
