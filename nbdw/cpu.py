@@ -529,7 +529,7 @@ def _store8(dst, o, step, r, count, stream, bv, has_bias, lov, hiv, clamp, nb=8)
             vstore(dst, o + 7 * step, a7)
 
 
-@njit(cache=True, fastmath=FASTMATH)
+@njit(cache=True, fastmath=FASTMATH, inline="always")  # a call updates dst's shared reference count
 def _copy_out(dst, o, src, s, count, stream):
     """``dst[o:o + count] = src[s:s + count]`` (accumulator values narrowed to ``dst``'s storage).
 
