@@ -29,7 +29,8 @@ speed of memory. Each task works through its rows in three steps:
    vector registers, so only AVX-512 slides (:data:`SLIDE`). NHWC rows of 7k
    pixels (7, 14, 28) take blocks of seven instead, so that no block overlaps the previous
    one. Because the tap loop is a runtime loop over the table, one compiled kernel serves
-   every filter size, stride, dilation and multiplier; no per-size specialisation is compiled.
+   every filter size, stride, dilation and multiplier; only the sliding run's length has
+   compiled variants (3 and 5, :func:`_slide`).
 3. **Store**, with the fused bias/clamp epilogue of the forward op and one rounding to the
    output dtype. Large NHWC outputs of 32/64-bit data are written with non-temporal stores
    (no read-for-ownership of lines that are about to be overwritten) when a vector is a whole
