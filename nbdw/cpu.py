@@ -357,7 +357,10 @@ def _sevens(width):
 @njit(cache=True)
 def _runs(soff, woff, ntaps, step, runs):
     """Group consecutive table entries whose stage offsets advance by ``step`` (and weights by a
-    constant) into runs for :func:`_slide8`; returns the number of runs."""
+    constant) into runs for :func:`_slide8`; returns the number of runs, 0 without
+    :data:`SLIDE` (nothing else reads them, and the tables of NHWC kernels are redone per row)."""
+    if not SLIDE:
+        return 0
     n = 0
     for t in range(ntaps):
         if n > 0:

@@ -135,11 +135,14 @@ def _narrow(builder, value, storage):
     return value
 
 
-def _pointer(context, builder, arrty, arr, offset, vt):
-    """Pointer to ``vt.lanes`` stored elements at flat element ``offset`` of ``arr``'s data."""
+def _pointer(context, builder, arrty, arr, offset, vt, disp=None):
+    """Pointer to ``vt.lanes`` stored elements at flat element ``offset`` of ``arr``'s data, or
+    ``disp`` elements past it (a second address step, see :func:`vload_at`)."""
     ary = context.make_array(arrty)(context, builder, arr)
     element = context.get_data_type(arrty.dtype)
     ptr = builder.gep(ary.data, [offset], inbounds=True)
+    if disp is not None:
+        ptr = builder.gep(ptr, [disp], inbounds=True)
     return builder.bitcast(ptr, ir.PointerType(ir.VectorType(element, vt.lanes))), element
 
 
@@ -244,10 +247,7 @@ def vload_at(typingctx, arr, offset, disp):
     vt = vector_type(arr.dtype)
 
     def codegen(context, builder, sig, args):
-        ary = context.make_array(sig.args[0])(context, builder, args[0])
-        element = context.get_data_type(arr.dtype)
-        ptr = builder.gep(builder.gep(ary.data, [args[1]], inbounds=True), [args[2]], inbounds=True)
-        ptr = builder.bitcast(ptr, ir.PointerType(ir.VectorType(element, vt.lanes)))
+        ptr, _ = _pointer(context, builder, sig.args[0], args[0], args[1], vt, args[2])
         return _widen(builder, builder.load(ptr, align=_align(arr)), arr.dtype)
 
     return vt(arr, offset, disp), codegen
