@@ -560,6 +560,12 @@ def _copy_out(dst, o, src, s, count, stream):
         vstore_n(dst, o + i, vload_n(src, s + i, count - i), count - i)
 
 
+@njit(cache=True, inline="always")
+def _whole_lines(arr, o, count):
+    """Whether ``arr[o:o + count]`` starts and ends on cache-line boundaries (``arr`` 64-byte aligned)."""
+    return o % _line_elements(arr) == 0 and count % _line_elements(arr) == 0
+
+
 def _line_elements(array):
     """Elements of ``array`` in one 64-byte cache line, a compile-time constant."""
 
@@ -973,7 +979,7 @@ def _chunk_rows(oh_, rb, sh, eff_h, rowlen, budget):
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
-def _forward_nchw(x, wts, bias, has_bias, lo, hi, out, kh_, kw_, sh, sw, dh, dw, pt, pl, tasks, stream, budget):
+def _forward_nchw(x, wts, bias, has_bias, lo, hi, out, kh_, kw_, sh, sw, dh, dw, pt, pl, tasks, stream, spans, budget):
     """x (N, C, H, W); wts (C*M*KH*KW,) widened, plane-major; bias (C*M,); out (N, C*M, OH, OW).
 
     Vectors run along the width; the micro-kernel blocks eight output rows at the same columns.
@@ -1074,9 +1080,9 @@ def _forward_nchw(x, wts, bias, has_bias, lo, hi, out, kh_, kw_, sh, sw, dh, dw,
                         pf = _prefetch_some(x, pf, pf_end, per)
                         ow += L
                     if not (stream and rb >= 7):
-                        _copy_out(flat_out, obase, obuf, 0, rb * ow_, False)
+                        _copy_out(flat_out, obase, obuf, 0, rb * ow_, spans and _whole_lines(flat_out, obase, rb * ow_))
                     o0 += rb
-        if stream:
+        if stream or spans:
             store_fence()
 
 
@@ -1316,7 +1322,7 @@ def _bpi_phase_rows(h_, sh, r, span, rowlen, budget):
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
-def _backprop_input_nchw(dy, wts, dx, kh_, kw_, sh, sw, dh, dw, pt, pl, tasks, stream, budget):
+def _backprop_input_nchw(dy, wts, dx, kh_, kw_, sh, sw, dh, dw, pt, pl, tasks, stream, spans, budget):
     """dy (N, C*M, OH, OW); wts (C*M*KH*KW,) widened, plane-major; dx (N, C, H, W).
 
     Vectors run along the input width over ``dy`` rows upsampled by the column stride (zeros
@@ -1451,12 +1457,12 @@ def _backprop_input_nchw(dy, wts, dx, kh_, kw_, sh, sw, dh, dw, pt, pl, tasks, s
                 if direct:
                     pass
                 elif sh == 1:  # the block's rows are consecutive in dx: one copy, no masked tail per row
-                    _copy_out(flat_dx, obase, obuf, 0, rb * w_, False)
+                    _copy_out(flat_dx, obase, obuf, 0, rb * w_, spans and _whole_lines(flat_dx, obase, rb * w_))
                 else:
                     for b in range(rb):
                         _copy_out(flat_dx, obase + b * ostep, obuf, b * w_, w_, False)
                 i0 += rb
-        if stream:
+        if stream or spans:
             store_fence()
 
 
@@ -1840,10 +1846,13 @@ def _stream(result):
 
 
 def _stream_rows(result, width):
-    """:func:`_stream` for the NCHW kernels, which stream only rows of ``width`` elements that
-    are whole cache lines, straight from registers (through a row buffer it did not pay). With
-    32-byte vectors the two halves of a line are stored one block apart, and streaming measured
-    slower than ordinary stores (Zen 3, forward 8x32x112x112: 6.9 against 3.5 ms)."""
+    """:func:`_stream` for the NCHW kernels' rows of ``width`` elements that are whole cache
+    lines, streamed straight from registers. With 32-byte vectors the two halves of a line are
+    stored one block apart, and streaming measured slower than ordinary stores (Zen 3, forward
+    8x32x112x112: 6.9 against 3.5 ms). Other rows go through a row buffer, whose copy is
+    streamed (with :func:`_stream`) only where a block of rows spans whole lines: 56-wide
+    planes on a Zen 4, forward 0.60-0.67x, backprop input 0.71x; a copy streaming the middle of
+    a block with cached partial lines at its ends ran 1.15-1.9x slower (14-, 28-, 33-wide)."""
     return _stream(result) and (width * result.itemsize) % 64 == 0
 
 
@@ -1913,7 +1922,7 @@ def forward(x, f, geom, out=None, bias=None, activation="linear"):
             units = geom.batch * geom.channels * -(-geom.out_height // rows)
             stream = _stream_rows(ys, geom.out_width)
             _forward_nchw(xs, np.ascontiguousarray(filt.T).ravel(), b, bias is not None, lo, hi, ys, *geo,
-                          _tasks(units), stream, NCHW_STAGE_BYTES // np.dtype(acc).itemsize)
+                          _tasks(units), stream, _stream(ys), NCHW_STAGE_BYTES // np.dtype(acc).itemsize)
     return _deliver(result, out)
 
 
@@ -1953,7 +1962,7 @@ def backprop_input(f, dy, geom, out=None):
             wts = np.ascontiguousarray(filt.reshape(kh * kw, c * m).T).ravel()
             stream = _stream_rows(xs, geom.in_width)
             _backprop_input_nchw(ys, wts, xs, kh, kw, *geo, _tasks(geom.batch * geom.channels * geom.in_height),
-                                 stream, NCHW_STAGE_BYTES // np.dtype(acc).itemsize)
+                                 stream, _stream(xs), NCHW_STAGE_BYTES // np.dtype(acc).itemsize)
     return _deliver(result, out)
 
 

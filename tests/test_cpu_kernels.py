@@ -136,6 +136,10 @@ PATH_CASES = [
     # NCHW rows of whole cache lines (32 and 16 float32 columns) are streamed straight from
     # registers when STREAM_BYTES allows: forward output and backprop input's stride-2 rows
     ((1, 24, 32, 3), (3, 3, 3, 1), (2, 2), (1, 1)),
+    # other NCHW rows go through a row buffer, whose copy is streamed where a block of rows spans
+    # whole lines: 8 rows of 6 columns in 16-row planes (every block), in 9-row planes (some)
+    ((2, 16, 6, 3), (3, 3, 3, 2), (1, 1), (1, 1)),
+    ((2, 9, 6, 3), (3, 3, 3, 1), (1, 1), (1, 1)),
 ]
 
 
