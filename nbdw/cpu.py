@@ -104,6 +104,9 @@ SLIDE = VECTOR_REGISTERS > 2 * BLOCK
 #: It pays here from about 0.7 MiB on, even when the next op reads the result at once (two
 #: chained forwards: 1.7 MiB 0.41 -> 0.29 ms, 0.8 MiB 0.185 -> 0.153 ms; mixed at 0.4 MiB), and
 #: lowering this from 4 MiB to 1 MiB took the batch-1 table's ops to 0.94x (0.66x to 1.01x).
+#: Later code on the same Zen 4 (seventh pass of issue 7, docs/performance.md) split it by where
+#: the buffer's lines are: below 8 MiB, cached stores won 0.81-1.00 in chained ops whose buffers
+#: stay in L3, and lost 1.22-1.32 on flushed calls. It is left at 1 MiB until that is settled.
 STREAM_BYTES = 1024 * 1024
 
 
