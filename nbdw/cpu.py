@@ -982,7 +982,7 @@ def _chunk_rows(oh_, rb, sh, eff_h, rowlen, budget):
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
-def _forward_nchw(x, wts, bias, has_bias, lo, hi, out, kh_, kw_, sh, sw, dh, dw, pt, pl, tasks, stream, spans, budget):
+def _forward_nchw(x, wts, bias, has_bias, lo, hi, out, kh_, kw_, sh, sw, dh, dw, pt, pl, tasks, stream, budget):
     """x (N, C, H, W); wts (C*M*KH*KW,) widened, plane-major; bias (C*M,); out (N, C*M, OH, OW).
 
     Vectors run along the width; the micro-kernel blocks eight output rows at the same columns.
@@ -1006,6 +1006,7 @@ def _forward_nchw(x, wts, bias, has_bias, lo, hi, out, kh_, kw_, sh, sw, dh, dw,
     vecs = (ow_ + L - 1) // L
     flat_x = x.reshape(-1)
     flat_out = out.reshape(-1)
+    direct = stream and _whole_lines(flat_out, 0, ow_)  # rows of whole lines: streamed from registers
     for task in prange(tasks):
         u0, u1 = _split(task, tasks, units)
         stage = _aligned_zeros(nrows * rowlen + L, wts)
@@ -1060,7 +1061,7 @@ def _forward_nchw(x, wts, bias, has_bias, lo, hi, out, kh_, kw_, sh, sw, dh, dw,
                                 r = _slide(stage, so + ow, sh * rowlen, runs, nruns, wts, wb, True, 8, fixed)
                             else:
                                 r = _mac8(stage, so + ow, sh * rowlen, soff, wts, woff, wb, taps, True)
-                            if stream:  # line-aligned rows: straight to the output, bypassing the caches
+                            if direct:  # line-aligned rows: straight to the output, bypassing the caches
                                 _store8(flat_out, obase + ow, ow_, r, count, True, bv, has_bias, lov, hiv, clamp)
                             else:  # whole vectors: a short row's extra lanes land on the next row, stored after it
                                 _store8(obuf, ow, ow_, r, L, False, bv, has_bias, lov, hiv, clamp)
@@ -1069,7 +1070,7 @@ def _forward_nchw(x, wts, bias, has_bias, lo, hi, out, kh_, kw_, sh, sw, dh, dw,
                                 r = _slide(stage, so + ow, sh * rowlen, runs, nruns, wts, wb, True, 7, fixed)
                             else:
                                 r = _mac8(stage, so + ow, sh * rowlen, soff, wts, woff, wb, taps, True, 7)
-                            if stream:
+                            if direct:
                                 _store8(flat_out, obase + ow, ow_, r, count, True, bv, has_bias, lov, hiv, clamp, 7)
                             else:
                                 _store8(obuf, ow, ow_, r, L, False, bv, has_bias, lov, hiv, clamp, 7)
@@ -1082,10 +1083,10 @@ def _forward_nchw(x, wts, bias, has_bias, lo, hi, out, kh_, kw_, sh, sw, dh, dw,
                             _put(obuf, ow, _finish(r1, bv, has_bias, lov, hiv), count)
                         pf = _prefetch_some(x, pf, pf_end, per)
                         ow += L
-                    if not (stream and rb >= 7):
-                        _copy_out(flat_out, obase, obuf, 0, rb * ow_, spans and _whole_lines(flat_out, obase, rb * ow_))
+                    if not (direct and rb >= 7):
+                        _copy_out(flat_out, obase, obuf, 0, rb * ow_, stream and _whole_lines(flat_out, obase, rb * ow_))
                     o0 += rb
-        if stream or spans:
+        if stream:
             store_fence()
 
 
@@ -1325,7 +1326,7 @@ def _bpi_phase_rows(h_, sh, r, span, rowlen, budget):
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
-def _backprop_input_nchw(dy, wts, dx, kh_, kw_, sh, sw, dh, dw, pt, pl, tasks, stream, spans, budget):
+def _backprop_input_nchw(dy, wts, dx, kh_, kw_, sh, sw, dh, dw, pt, pl, tasks, stream, budget):
     """dy (N, C*M, OH, OW); wts (C*M*KH*KW,) widened, plane-major; dx (N, C, H, W).
 
     Vectors run along the input width over ``dy`` rows upsampled by the column stride (zeros
@@ -1385,7 +1386,7 @@ def _backprop_input_nchw(dy, wts, dx, kh_, kw_, sh, sw, dh, dw, pt, pl, tasks, s
                     amin = min(amin, u // sh)
                     amax = max(amax, u // sh)
             ostep = sh * w_
-            direct = stream and rb >= 7
+            direct = stream and rb >= 7 and _whole_lines(flat_dx, 0, w_)  # rows of whole lines
             if amax < amin:  # no tap reaches these rows
                 for i in range(ia, ib):
                     for iw in range(0, w_, L):
@@ -1460,12 +1461,12 @@ def _backprop_input_nchw(dy, wts, dx, kh_, kw_, sh, sw, dh, dw, pt, pl, tasks, s
                 if direct:
                     pass
                 elif sh == 1:  # the block's rows are consecutive in dx: one copy, no masked tail per row
-                    _copy_out(flat_dx, obase, obuf, 0, rb * w_, spans and _whole_lines(flat_dx, obase, rb * w_))
+                    _copy_out(flat_dx, obase, obuf, 0, rb * w_, stream and _whole_lines(flat_dx, obase, rb * w_))
                 else:
                     for b in range(rb):
                         _copy_out(flat_dx, obase + b * ostep, obuf, b * w_, w_, False)
                 i0 += rb
-        if stream or spans:
+        if stream:
             store_fence()
 
 
@@ -1838,25 +1839,20 @@ def _empty_aligned(shape, dtype):
 
 
 def _stream(result):
-    """Whether an NHWC kernel should write ``result`` with non-temporal stores: large, 64-byte
+    """Whether a kernel should write ``result`` with non-temporal stores: large, 64-byte
     aligned, 32- or 64-bit data, and only when one stored vector is a whole cache line (64-byte
     vectors). A smaller one is half a line whose other half (the next channel block) is written
     much later: streaming it measured slower, for 16-bit data, and with AVX2's 32-byte vectors
-    (Zen 3, backprop input 112x112x32: 1.6x, stride 2: 2.9x). Through a row buffer streamed out in address order it did not pay either
-    (Zen 3: forward 1.10x, backprop input 1.04x the time of ordinary stores)."""
+    (Zen 3, NHWC backprop input 112x112x32: 1.6x, stride 2: 2.9x; NCHW forward 8x32x112x112:
+    6.9 against 3.5 ms). Through a row buffer streamed out in address order it did not pay
+    either (Zen 3: forward 1.10x, backprop input 1.04x the time of ordinary stores).
+
+    The NCHW kernels stream only whole lines (:func:`_whole_lines`): rows of whole lines
+    straight from registers, and a row buffer's copy where its block of rows spans whole lines
+    (56-wide planes on a Zen 4: forward 0.60-0.67x, backprop input 0.71x). Streaming the middle
+    of a block with cached partial lines at its ends ran 1.15-1.9x slower (14-, 28-, 33-wide)."""
     return (VECTOR_BYTES >= 64 and result.itemsize >= 4 and result.nbytes >= STREAM_BYTES
             and result.ctypes.data % 64 == 0)
-
-
-def _stream_rows(result, width):
-    """:func:`_stream` for the NCHW kernels' rows of ``width`` elements that are whole cache
-    lines, streamed straight from registers. With 32-byte vectors the two halves of a line are
-    stored one block apart, and streaming measured slower than ordinary stores (Zen 3, forward
-    8x32x112x112: 6.9 against 3.5 ms). Other rows go through a row buffer, whose copy is
-    streamed (with :func:`_stream`) only where a block of rows spans whole lines: 56-wide
-    planes on a Zen 4, forward 0.60-0.67x, backprop input 0.71x; a copy streaming the middle of
-    a block with cached partial lines at its ends ran 1.15-1.9x slower (14-, 28-, 33-wide)."""
-    return _stream(result) and (width * result.itemsize) % 64 == 0
 
 
 def _tasks(units):
@@ -1923,9 +1919,8 @@ def forward(x, f, geom, out=None, bias=None, activation="linear"):
         else:
             rows = 8 if geom.out_height >= 8 else (4 if geom.out_height >= 4 else 1)
             units = geom.batch * geom.channels * -(-geom.out_height // rows)
-            stream = _stream_rows(ys, geom.out_width)
             _forward_nchw(xs, np.ascontiguousarray(filt.T).ravel(), b, bias is not None, lo, hi, ys, *geo,
-                          _tasks(units), stream, _stream(ys), NCHW_STAGE_BYTES // np.dtype(acc).itemsize)
+                          _tasks(units), _stream(ys), NCHW_STAGE_BYTES // np.dtype(acc).itemsize)
     return _deliver(result, out)
 
 
@@ -1963,9 +1958,8 @@ def backprop_input(f, dy, geom, out=None):
                                  _bpi_group(geom, cp, lanes, budget), _stream(xs))
         else:
             wts = np.ascontiguousarray(filt.reshape(kh * kw, c * m).T).ravel()
-            stream = _stream_rows(xs, geom.in_width)
             _backprop_input_nchw(ys, wts, xs, kh, kw, *geo, _tasks(geom.batch * geom.channels * geom.in_height),
-                                 stream, _stream(xs), NCHW_STAGE_BYTES // np.dtype(acc).itemsize)
+                                 _stream(xs), NCHW_STAGE_BYTES // np.dtype(acc).itemsize)
     return _deliver(result, out)
 
 
