@@ -35,8 +35,9 @@ speed of memory. Each task works through its rows in three steps:
    output dtype. Large NHWC outputs of 32/64-bit data are written with non-temporal stores
    (no read-for-ownership of lines that are about to be overwritten) when a vector is a whole
    cache line (AVX-512; with 32-byte vectors streaming half lines measured slower, in both
-   layouts). NCHW rows shorter than a vector go to a row buffer as whole vectors and out in one copy per block: a masked store
-   costs about 70 cycles on this hardware.
+   layouts). NCHW rows that are not whole lines go to a row buffer as whole vectors (a
+   masked store costs about 70 cycles on this hardware); the forward op gathers its blocks
+   there into a run that goes out in whole lines (:func:`_drain`), streamed when large.
 
 Large results reuse the memory of dropped earlier ones (:class:`_ResultPool`), which spares
 the operating system's zeroing of fresh pages.
@@ -108,6 +109,11 @@ SLIDE = VECTOR_REGISTERS > 2 * BLOCK
 #: the buffer's lines are: below 8 MiB, cached stores won 0.81-1.00 in chained ops whose buffers
 #: stay in L3, and lost 1.22-1.32 on flushed calls. It is left at 1 MiB until that is settled.
 STREAM_BYTES = 1024 * 1024
+
+#: Output elements an NCHW forward task gathers behind its blocks before it writes their whole
+#: lines out (:func:`_drain`): 2 KiB of float32. Draining after every block measured 1.04-1.07x
+#: slower on 14x14 planes (seven-row blocks of 98 elements), 512 elements 0.91-0.98x.
+RUN_ELEMENTS = 512
 
 
 def unavailable_reason():
@@ -563,6 +569,42 @@ def _copy_out(dst, o, src, s, count, stream):
         vstore_n(dst, o + i, vload_n(src, s + i, count - i), count - i)
 
 
+@njit(cache=True, fastmath=FASTMATH, inline="always")  # a call updates dst's shared reference count
+def _join(dst, buf, margin, begin, start, count, o, stream):
+    """The pending run of a task's output (see :func:`_drain`), which began at ``begin``, once a
+    block for ``dst[o:]`` is next: unchanged when the block continues the run or overlaps it
+    (an overlapping block recomputes equal values, and may reach ``margin`` elements back into
+    what the run has written), else the run is written out whole and a new one starts at
+    ``o``. Returns ``(begin, start, count)``."""
+    if max(begin, start - margin) <= o <= start + count:
+        return begin, start, count
+    if count > 0:
+        _drain(dst, start, count, buf, margin, stream, True)
+    return o, o, 0
+
+
+@njit(cache=True, fastmath=FASTMATH, inline="always")
+def _drain(dst, start, count, buf, b0, stream, final):
+    """Software write-combining: ``buf[b0:b0 + count]`` holds ``dst[start:start + count]``, the
+    pending run of a task whose blocks follow each other in ``dst``. Write out the run's whole
+    cache lines (all of it when ``final``) and move the rest, less than a line, to ``b0``;
+    returns the new ``(start, count)``. A block's partial last line thus waits for the next
+    block instead of going out with a masked store and a read of the line, and the lines stream
+    (``stream``) even when the blocks do not end on line boundaries. NCHW forward on planes
+    whose blocks are not whole lines, batch 8, A/B in one process, warm and flushed: 33x33
+    (dilation 2) 0.88-0.99, 28x28 (5x5) 0.90-1.03. The same in backprop input
+    measured 1.13-1.23x slower on 14x14 planes, for reasons not found; it is not used there."""
+    end = start + count
+    keep = end if final else max(start, end - end % _line_elements(dst))
+    n = keep - start
+    if n > 0:
+        _copy_out(dst, start, buf, b0, n, stream)
+        L = vlanes(buf)
+        for i in range(0, end - keep, L):  # forward, each vector read before it is overwritten
+            vstore(buf, b0 + i, vload(buf, b0 + n + i))
+    return keep, end - keep
+
+
 @njit(cache=True, inline="always")
 def _whole_lines(arr, o, count):
     """Whether ``arr[o:o + count]`` starts and ends on cache-line boundaries (``arr`` 64-byte aligned)."""
@@ -982,11 +1024,12 @@ def _chunk_rows(oh_, rb, sh, eff_h, rowlen, budget):
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
-def _forward_nchw(x, wts, bias, has_bias, lo, hi, out, kh_, kw_, sh, sw, dh, dw, pt, pl, tasks, stream, budget):
+def _forward_nchw(x, wts, bias, has_bias, lo, hi, out, kh_, kw_, sh, sw, dh, dw, pt, pl, tasks, stream, budget, run):
     """x (N, C, H, W); wts (C*M*KH*KW,) widened, plane-major; bias (C*M,); out (N, C*M, OH, OW).
 
     Vectors run along the width; the micro-kernel blocks eight output rows at the same columns.
-    A work unit is a run of blocks of one plane (:func:`_chunk_rows`), staged at once.
+    A work unit is a run of blocks of one plane (:func:`_chunk_rows`), staged at once. Rows
+    that are not whole lines are gathered into runs of at least ``run`` elements (:func:`_drain`).
     """
     n_, c_ = x.shape[0], x.shape[1]
     cm, oh_, ow_ = out.shape[1], out.shape[2], out.shape[3]
@@ -1006,11 +1049,13 @@ def _forward_nchw(x, wts, bias, has_bias, lo, hi, out, kh_, kw_, sh, sw, dh, dw,
     vecs = (ow_ + L - 1) // L
     flat_x = x.reshape(-1)
     flat_out = out.reshape(-1)
-    direct = stream and _whole_lines(flat_out, 0, ow_)  # rows of whole lines: streamed from registers
+    direct = stream and rb >= 7 and _whole_lines(flat_out, 0, ow_)  # rows of whole lines: from registers
     for task in prange(tasks):
         u0, u1 = _split(task, tasks, units)
         stage = _aligned_zeros(nrows * rowlen + L, wts)
-        obuf = _aligned_zeros(rb * ow_ + L, wts)
+        margin = rb * ow_  # an overlapping block reaches up to rb - 1 rows back
+        obuf = _aligned_zeros(2 * margin + run + 2 * _line_elements(flat_out) + L, wts)
+        wbegin, wstart, wcount = 0, 0, 0  # the run of output being written (_join, _drain)
         soff = np.empty(taps, np.int64)
         woff = np.empty(taps, np.int64)
         runs = np.empty((taps, 4), np.int64)
@@ -1049,7 +1094,11 @@ def _forward_nchw(x, wts, bias, has_bias, lo, hi, out, kh_, kw_, sh, sw, dh, dw,
                         o0 = b - rb  # the last block overlaps the previous one
                     so = (o0 - a) * sh * rowlen
                     obase = ((n * cm + j) * oh_ + o0) * ow_
-                    # rows are computed into obuf (in cache), then copied out in address order
+                    # rows are computed into obuf (in cache) behind the pending run, then written
+                    # out in whole lines
+                    if not direct:
+                        wbegin, wstart, wcount = _join(flat_out, obuf, margin, wbegin, wstart, wcount, obase, stream)
+                    ob = margin + obase - wstart
                     ow = 0
                     while ow < ow_:
                         count = ow_ - ow
@@ -1064,7 +1113,7 @@ def _forward_nchw(x, wts, bias, has_bias, lo, hi, out, kh_, kw_, sh, sw, dh, dw,
                             if direct:  # line-aligned rows: straight to the output, bypassing the caches
                                 _store8(flat_out, obase + ow, ow_, r, count, True, bv, has_bias, lov, hiv, clamp)
                             else:  # whole vectors: a short row's extra lanes land on the next row, stored after it
-                                _store8(obuf, ow, ow_, r, L, False, bv, has_bias, lov, hiv, clamp)
+                                _store8(obuf, ob + ow, ow_, r, L, False, bv, has_bias, lov, hiv, clamp)
                         elif rb == 7:  # planes of 7k rows: blocks of seven, none overlapping
                             if slide:
                                 r = _slide(stage, so + ow, sh * rowlen, runs, nruns, wts, wb, True, 7, fixed)
@@ -1073,19 +1122,23 @@ def _forward_nchw(x, wts, bias, has_bias, lo, hi, out, kh_, kw_, sh, sw, dh, dw,
                             if direct:
                                 _store8(flat_out, obase + ow, ow_, r, count, True, bv, has_bias, lov, hiv, clamp, 7)
                             else:
-                                _store8(obuf, ow, ow_, r, L, False, bv, has_bias, lov, hiv, clamp, 7)
+                                _store8(obuf, ob + ow, ow_, r, L, False, bv, has_bias, lov, hiv, clamp, 7)
                         elif rb == 4:
                             r4 = _mac8(stage, so + ow, sh * rowlen, soff, wts, woff, wb, taps, True, 4)
                             for i in range(4):
-                                _put(obuf, i * ow_ + ow, _finish(r4[i], bv, has_bias, lov, hiv), count)
+                                _put(obuf, ob + i * ow_ + ow, _finish(r4[i], bv, has_bias, lov, hiv), count)
                         else:
                             r1 = _mac1(stage, so + ow, soff, wts, woff, wb, taps, True)
-                            _put(obuf, ow, _finish(r1, bv, has_bias, lov, hiv), count)
+                            _put(obuf, ob + ow, _finish(r1, bv, has_bias, lov, hiv), count)
                         pf = _prefetch_some(x, pf, pf_end, per)
                         ow += L
-                    if not (direct and rb >= 7):
-                        _copy_out(flat_out, obase, obuf, 0, rb * ow_, stream and _whole_lines(flat_out, obase, rb * ow_))
+                    if not direct:
+                        wcount = max(wcount, obase - wstart + rb * ow_)
+                        if wcount >= run:
+                            wstart, wcount = _drain(flat_out, wstart, wcount, obuf, margin, stream, False)
                     o0 += rb
+        if wcount > 0:
+            _drain(flat_out, wstart, wcount, obuf, margin, stream, True)
         if stream:
             store_fence()
 
@@ -1849,8 +1902,9 @@ def _stream(result):
 
     The NCHW kernels stream only whole lines (:func:`_whole_lines`): rows of whole lines
     straight from registers, and a row buffer's copy where its block of rows spans whole lines
-    (56-wide planes on a Zen 4: forward 0.60-0.67x, backprop input 0.71x). Streaming the middle
-    of a block with cached partial lines at its ends ran 1.15-1.9x slower (14-, 28-, 33-wide)."""
+    (56-wide planes on a Zen 4: forward 0.60-0.67x, backprop input 0.71x), and the whole lines
+    of the forward's gathered run (:func:`_drain`). Streaming the middle of each block with
+    cached partial lines at its ends ran 1.15-1.9x slower (14-, 28-, 33-wide)."""
     return (VECTOR_BYTES >= 64 and result.itemsize >= 4 and result.nbytes >= STREAM_BYTES
             and result.ctypes.data % 64 == 0)
 
@@ -1920,7 +1974,7 @@ def forward(x, f, geom, out=None, bias=None, activation="linear"):
             rows = 8 if geom.out_height >= 8 else (4 if geom.out_height >= 4 else 1)
             units = geom.batch * geom.channels * -(-geom.out_height // rows)
             _forward_nchw(xs, np.ascontiguousarray(filt.T).ravel(), b, bias is not None, lo, hi, ys, *geo,
-                          _tasks(units), _stream(ys), NCHW_STAGE_BYTES // np.dtype(acc).itemsize)
+                          _tasks(units), _stream(ys), NCHW_STAGE_BYTES // np.dtype(acc).itemsize, RUN_ELEMENTS)
     return _deliver(result, out)
 
 

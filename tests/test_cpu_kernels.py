@@ -166,6 +166,28 @@ def test_channel_groups_and_streaming_stores(op, fmt, monkeypatch):
             _check(op, _make(fmt, nhwc, fshape, strides, dilations), dtype, rng)
 
 
+@pytest.mark.parametrize("stream", [True, False], ids=["streamed", "cached"])
+@pytest.mark.parametrize("run", [0, 1, 37, 512])
+def test_nchw_forward_gathers_blocks_into_runs(run, stream, monkeypatch):
+    """NCHW forward gathers the blocks of rows that are not whole lines into runs of at least
+    ``run`` elements and writes their whole lines out (``_drain``): after every block (0), a
+    partial line kept between blocks (1, 37), whole planes (512), blocks that overlap the run (33 rows in blocks of
+    eight), 16-bit data (two vectors per line), the fused epilogue, and work units of one block
+    whose multiplier slices are not contiguous (a new run per slice, also where the next block
+    lies just behind the run, in the previous slice)."""
+    monkeypatch.setattr(cpu, "RUN_ELEMENTS", run)
+    monkeypatch.setattr(cpu, "STREAM_BYTES", 0 if stream else 1 << 40)
+    rng = np.random.default_rng(7)
+    for dtype in (np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.float16)):
+        _check("forward", _make("NCHW", (2, 33, 14, 3), (3, 3, 3, 1), (1, 1), (2, 2)), dtype, rng,
+               bias=rng.standard_normal(3), activation="relu6")
+        _check("forward", _make("NCHW", (1, 14, 28, 5), (5, 5, 5, 2), (1, 1), (1, 1)), dtype, rng)
+    monkeypatch.setattr(cpu, "NCHW_STAGE_BYTES", 1)
+    for nhwc, fshape in (((2, 19, 11, 3), (3, 3, 3, 3)),
+                         ((1, 9, 13, 4), (3, 3, 4, 2))):  # a block back to the previous slice, within reach
+        _check("forward", _make("NCHW", nhwc, fshape, (1, 1), (1, 1)), np.dtype(np.float32), rng)
+
+
 @pytest.mark.parametrize("op", OPS)
 def test_nchw_work_units_of_several_blocks(op, monkeypatch):
     """NCHW work units of two 8-row blocks over 37 output rows: three units, the last one short
