@@ -111,8 +111,9 @@ SLIDE = VECTOR_REGISTERS > 2 * BLOCK
 STREAM_BYTES = 1024 * 1024
 
 #: Output elements an NCHW forward task gathers behind its blocks before it writes their whole
-#: lines out (:func:`_drain`): 2 KiB of float32. Draining after every block measured 1.04-1.07x
-#: slower on 14x14 planes (seven-row blocks of 98 elements), 512 elements 0.91-0.98x.
+#: lines out (:func:`_drain`): 2 KiB of float32. On 14x14 planes (seven-row blocks of 98
+#: elements) draining after every block measured 1.04-1.07x the time of the per-block copy
+#: it replaced, 512 elements 0.91-1.07x (A/B, batch 8, warm and flushed).
 RUN_ELEMENTS = 512
 
 

@@ -171,10 +171,10 @@ def test_channel_groups_and_streaming_stores(op, fmt, monkeypatch):
 def test_nchw_forward_gathers_blocks_into_runs(run, stream, monkeypatch):
     """NCHW forward gathers the blocks of rows that are not whole lines into runs of at least
     ``run`` elements and writes their whole lines out (``_drain``): after every block (0), a
-    partial line kept between blocks (1, 37), whole planes (512), blocks that overlap the run (33 rows in blocks of
-    eight), 16-bit data (two vectors per line), the fused epilogue, and work units of one block
-    whose multiplier slices are not contiguous (a new run per slice, also where the next block
-    lies just behind the run, in the previous slice)."""
+    partial line kept between blocks (1, 37), whole planes (512), blocks that overlap the run
+    (33 rows in blocks of eight), 16-bit data (two vectors per line), the fused epilogue, and
+    work units of one block whose multiplier slices are not contiguous (a new run per slice,
+    also where the next block lies just behind the run, in the previous slice)."""
     monkeypatch.setattr(cpu, "RUN_ELEMENTS", run)
     monkeypatch.setattr(cpu, "STREAM_BYTES", 0 if stream else 1 << 40)
     rng = np.random.default_rng(7)
