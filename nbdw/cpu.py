@@ -73,7 +73,7 @@ from numba.extending import intrinsic, overload
 from . import spec
 from .simd import (prefetch, prefetch_write, store_fence, vadd, vbroadcast, vclamp, veven, vfma, vlanes, vload,
                    vload_lanes, vload_n, vodd, vrepeat2, vrepeat4, vrepeat8, vselect_lanes, vsplat, vstore, vstore_n,
-                   vstream, vsum, vzero, vzip_hi, vzip_lo, VECTOR_BYTES, VECTOR_REGISTERS, vload_at)
+                   vstream, vsum, vzero, vzip_hi, vzip_lo, VECTOR_BYTES, VECTOR_REGISTERS, vload_at, vmul)
 
 # Like fastmath=True but keeping NaN and Inf semantics (no nnan/ninf), so NaNs propagate.
 FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
@@ -427,7 +427,10 @@ def _grad8(src, p0, bs, soff, aoff, ntaps, acc, a0, d0, d1, d2, d3, d4, d5, d6, 
 @njit(cache=True, fastmath=FASTMATH)
 def _grad_slide8(src, p0, bs, runs, nruns, acc, a0, d0, d1, d2, d3, d4, d5, d6, d7, nb=8):
     """:func:`_grad8` over runs of taps (see :func:`_slide8`): ``runs[r]`` = (stage offset,
-    accumulator offset, accumulator step, length); one new input load per further tap."""
+    accumulator offset, accumulator step, length); one new input load per further tap. The
+    eight products of a tap go into two chains of FMAs, not one, which halves the latency from
+    the accumulator's load to its store: NHWC 0.90-0.97 of the time (14x14x576, 28x28 5x5,
+    112x112x32, stride 2, ConvNeXt), NCHW 1.00-1.02."""
     for r in range(nruns):
         p = p0 + runs[r, 0]
         o = a0 + runs[r, 1]
@@ -444,17 +447,16 @@ def _grad_slide8(src, p0, bs, runs, nruns, acc, a0, d0, d1, d2, d3, d4, d5, d6, 
             else:  # seven vectors: the new one is x6
                 x6 = vload(src, p + (6 + k) * bs)
                 x7 = x6
-            a = vload(acc, o)
-            a = vfma(x0, d0, a)
-            a = vfma(x1, d1, a)
+            a = vfma(x0, d0, vload(acc, o))  # two chains of FMAs: half the latency per tap
+            b = vmul(x1, d1)
             a = vfma(x2, d2, a)
-            a = vfma(x3, d3, a)
+            b = vfma(x3, d3, b)
             a = vfma(x4, d4, a)
-            a = vfma(x5, d5, a)
+            b = vfma(x5, d5, b)
             a = vfma(x6, d6, a)
             if nb == 8:
-                a = vfma(x7, d7, a)
-            vstore(acc, o, a)
+                b = vfma(x7, d7, b)
+            vstore(acc, o, vadd(a, b))
             x0 = x1
             x1 = x2
             x2 = x3
