@@ -73,7 +73,8 @@ from numba.extending import intrinsic, overload
 from . import spec
 from .simd import (prefetch, prefetch_write, store_fence, vadd, vbroadcast, vclamp, veven, vfma, vlanes, vload,
                    vload_lanes, vload_n, vodd, vrepeat2, vrepeat4, vrepeat8, vselect_lanes, vsplat, vstore, vstore_n,
-                   vstream, vsum, vzero, vzip_hi, vzip_lo, VECTOR_BYTES, VECTOR_REGISTERS, vload_at, vmul)
+                   vstream, vsum, vtranspose, vzero, vzip_hi, vzip_lo, VECTOR_BYTES, VECTOR_REGISTERS, vload_at,
+                   vmul)
 
 # Like fastmath=True but keeping NaN and Inf semantics (no nnan/ninf), so NaNs propagate.
 FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
@@ -86,6 +87,12 @@ STAGE_BYTES = 2 * 1024 * 1024
 
 #: Bytes of staged input rows an NCHW work unit may use (it should sit in L1).
 NCHW_STAGE_BYTES = 24 * 1024
+
+#: NCHW forward with column stride 1 (and backprop input without strides or a multiplier) goes
+#: through channel tiles (:func:`_forward_nchw_tiled`) when the tile of one vector of planes fits
+#: in this many bytes. Zen 5, forward against the row kernel: 7x7 planes 0.40, 14x14 0.68,
+#: 28x28 0.81, 37x37 (DeepLab's, dilated) 0.91; 58x58 (56x56 planes) 1.15, so left out.
+NCHW_TILE_BYTES = 128 * 1024
 
 #: Output pixels (NHWC) or rows (NCHW) computed together by the micro-kernel.
 BLOCK = 8
@@ -1152,6 +1159,134 @@ def _forward_nchw(x, wts, bias, has_bias, lo, hi, out, kh_, kw_, sh, sw, dh, dw,
             store_fence()
 
 
+@njit(cache=True, fastmath=FASTMATH, inline="always")  # a call updates x's shared reference count
+def _tile_in_nchw(tile, scratch, flat_x, base, h_, w_, nc, pt, pl, th, sw, wq):
+    """Transpose the ``nc`` planes (H, W) from ``flat_x[base:]`` into ``tile`` (row, phase-major
+    column, lane), lanes past ``nc`` zero; input outside the tile (VALID's unused rows and
+    columns, input before negative pads) is left out. With column stride 1 and a whole vector
+    of planes, each square of a row goes straight to its place; otherwise through ``scratch``."""
+    L = vlanes(tile)
+    tw = sw * wq
+    hw = h_ * w_
+    cols = min(w_, tw - pl)
+    for ih in range(max(0, -pt), min(h_, th - pt)):  # pads < 0: backprop input's flipped filter
+        src = base + ih * w_
+        dst = (ih + pt) * tw
+        for iw in range(max(0, -pl), cols, L):
+            cnt = min(L, cols - iw)
+            # the last plane's read of L elements stays inside x (it may run into the next row)
+            if sw == 1 and nc == L and src + (L - 1) * hw + iw + L <= flat_x.size:
+                vtranspose(flat_x, src + iw, hw, tile, (dst + pl + iw) * L, L, cnt)
+                continue
+            for lane in range(L):
+                if lane < nc:
+                    vstore(scratch, lane * L, vload_n(flat_x, src + lane * hw + iw, cnt))
+                else:
+                    vstore(scratch, lane * L, vzero(scratch))
+            vtranspose(scratch, 0, L, scratch, 0, L, L)
+            for i in range(cnt):
+                j = iw + i + pl
+                vstore(tile, (dst + (j % sw) * wq + j // sw) * L, vload(scratch, i * L))
+
+
+@njit(parallel=True, cache=True, fastmath=FASTMATH)
+def _forward_nchw_tiled(x, wts, bias, has_bias, lo, hi, out, kh_, kw_, sh, sw, dh, dw, pt, pl, tasks):
+    """x (N, C, H, W); wts (M, KH*KW, CP) widened, channels padded to CP lanes; bias (M, CP);
+    out (N, C*M, OH, OW).
+
+    For small planes: a work unit takes ``lanes`` planes of one image, transposes them into a
+    zero-padded tile of (pixel, channel) vectors in cache (:func:`_tile_in_nchw`), computes there
+    as the NHWC kernel does (vectors across channels, eight pixels of a row in registers), and
+    transposes the results back, ``lanes`` pixels of ``lanes`` planes at a time.
+    """
+    n_, c_, h_, w_ = x.shape
+    cm, oh_, ow_ = out.shape[1], out.shape[2], out.shape[3]
+    m_ = cm // c_
+    cp = bias.shape[1]
+    taps = kh_ * kw_
+    L = vlanes(wts)
+    groups = cp // L
+    th = (oh_ - 1) * sh + (kh_ - 1) * dh + 1
+    wq = ((ow_ - 1) * sw + (kw_ - 1) * dw + 1 + sw - 1) // sw  # tile columns per phase
+    tw = sw * wq
+    hw = h_ * w_
+    ohw = oh_ * ow_
+    units = n_ * groups
+    sevens = _sevens(ow_)
+    flat_x = x.reshape(-1)
+    flat_out = out.reshape(-1)
+    for task in prange(tasks):
+        u0, u1 = _split(task, tasks, units)
+        tile = _aligned_zeros(th * tw * L + L, wts)  # its padding stays zero: no unit writes there
+        res = _aligned_zeros((ohw + L) * L, wts)  # (pixel, lane), room for a last partial square
+        scratch = _aligned_zeros(L * L, wts)
+        soff = np.empty(taps, np.int64)
+        woff = np.empty(taps, np.int64)
+        runs = np.empty((taps, 4), np.int64)
+        t = 0
+        for kh in range(kh_):
+            for kw in range(kw_):
+                off = kw * dw
+                soff[t] = (kh * dh * tw + (off % sw) * wq + off // sw) * L
+                woff[t] = t * cp
+                t += 1
+        nruns = _runs(soff, woff, taps, L, runs)
+        slide = SLIDE and 2 * nruns <= taps
+        fixed = _run_length(runs, nruns)
+        lov = vsplat(wts, lo)
+        hiv = vsplat(wts, hi)
+        clamp = not (lo == -np.inf and hi == np.inf)
+        for unit in range(u0, u1):
+            n = unit // groups
+            c0 = (unit - n * groups) * L
+            nc = min(L, c_ - c0)
+            _tile_in_nchw(tile, scratch, flat_x, (n * c_ + c0) * hw, h_, w_, nc, pt, pl, th, sw, wq)
+            for q in range(m_):
+                wb = q * taps * cp + c0
+                bv = vload(bias, q * cp + c0)
+                for oh in range(oh_):
+                    sb = oh * sh * tw * L
+                    orow = oh * ow_ * L
+                    ow = 0
+                    while ow < ow_:
+                        if sevens or ow_ >= BLOCK:
+                            if sevens:
+                                if slide:
+                                    r = _slide(tile, sb + ow * L, L, runs, nruns, wts, wb, False, 7, fixed)
+                                else:
+                                    r = _mac8(tile, sb + ow * L, L, soff, wts, woff, wb, taps, False, 7)
+                                _store8(res, orow + ow * L, L, r, L, False, bv, has_bias, lov, hiv, clamp, 7)
+                            else:
+                                if ow + BLOCK > ow_:
+                                    ow = ow_ - BLOCK  # last block overlaps the previous one
+                                if slide:
+                                    r = _slide(tile, sb + ow * L, L, runs, nruns, wts, wb, False, 8, fixed)
+                                else:
+                                    r = _mac8(tile, sb + ow * L, L, soff, wts, woff, wb, taps, False)
+                                _store8(res, orow + ow * L, L, r, L, False, bv, has_bias, lov, hiv, clamp)
+                            ow += 7 if sevens else BLOCK
+                        elif ow_ >= 4:
+                            if ow + 4 > ow_:
+                                ow = ow_ - 4
+                            r4 = _mac8(tile, sb + ow * L, L, soff, wts, woff, wb, taps, False, 4)
+                            for b in range(4):
+                                vstore(res, orow + (ow + b) * L, _finish(r4[b], bv, has_bias, lov, hiv))
+                            ow += 4
+                        else:
+                            a = _mac1(tile, sb + ow * L, soff, wts, woff, wb, taps, False)
+                            vstore(res, orow + ow * L, _finish(a, bv, has_bias, lov, hiv))
+                            ow += 1
+                obase = (n * cm + c0 * m_ + q) * ohw
+                for p0 in range(0, ohw, L):
+                    cnt = min(L, ohw - p0)
+                    if nc == L and cnt == L:
+                        vtranspose(res, p0 * L, L, flat_out, obase + p0, m_ * ohw, L)
+                    else:
+                        vtranspose(res, p0 * L, L, scratch, 0, L, L)
+                        for lane in range(nc):
+                            vstore_n(flat_out, obase + lane * m_ * ohw + p0, vload(scratch, lane * L), cnt)
+
+
 # ---------------------------------------------------------------------------
 # Backprop input (gather: each input element sums the outputs it fed)
 # ---------------------------------------------------------------------------
@@ -1803,6 +1938,100 @@ def _backprop_filter_nchw(x, dy, partial, kh_, kw_, sh, sw, dh, dw, pt, pl, budg
                     partial[task, t * cm + j] += s
 
 
+@njit(parallel=True, cache=True, fastmath=FASTMATH)
+def _backprop_filter_nchw_tiled(x, dy, partial, kh_, kw_, sh, sw, dh, dw, pt, pl):
+    """x (N, C, H, W); dy (N, C*M, OH, OW); partial (T, KH*KW*M*CP) zeroed, accumulator dtype,
+    [tap][multiplier][channel padded to CP lanes].
+
+    For small planes, as :func:`_forward_nchw_tiled`: ``lanes`` planes of x and, per multiplier,
+    of dy are transposed into (pixel, channel) tiles, and the products are summed there as the
+    NHWC kernel does (eight dy pixels in registers, each tap's accumulator loaded once per eight
+    products). dy lanes past the planes are zero, so padded channels add nothing.
+    """
+    tasks = partial.shape[0]
+    taps = kh_ * kw_
+    n_, c_, h_, w_ = x.shape
+    cm, oh_, ow_ = dy.shape[1], dy.shape[2], dy.shape[3]
+    m_ = cm // c_
+    cp = partial.shape[1] // (taps * m_)
+    L = vlanes(partial)
+    groups = cp // L
+    th = (oh_ - 1) * sh + (kh_ - 1) * dh + 1
+    wq = ((ow_ - 1) * sw + (kw_ - 1) * dw + 1 + sw - 1) // sw
+    tw = sw * wq
+    hw = h_ * w_
+    ohw = oh_ * ow_
+    units = n_ * groups
+    sevens = _sevens(ow_)
+    flat_x = x.reshape(-1)
+    flat_dy = dy.reshape(-1)
+    for task in prange(tasks):
+        u0, u1 = _split(task, tasks, units)
+        acc = partial[task]
+        tile = _aligned_zeros(th * tw * L + L, partial)
+        dtile = _aligned_zeros(ohw * L, partial)
+        scratch = _aligned_zeros(L * L, partial)
+        soff = np.empty(taps, np.int64)
+        aoff = np.empty(taps, np.int64)
+        runs = np.empty((taps, 4), np.int64)
+        t = 0
+        for kh in range(kh_):
+            for kw in range(kw_):
+                off = kw * dw
+                soff[t] = (kh * dh * tw + (off % sw) * wq + off // sw) * L
+                aoff[t] = t * m_ * cp
+                t += 1
+        nruns = _runs(soff, aoff, taps, L, runs)
+        slide = SLIDE and 2 * nruns <= taps
+        for unit in range(u0, u1):
+            n = unit // groups
+            c0 = (unit - n * groups) * L
+            nc = min(L, c_ - c0)
+            _tile_in_nchw(tile, scratch, flat_x, (n * c_ + c0) * hw, h_, w_, nc, pt, pl, th, sw, wq)
+            for q in range(m_):
+                dbase = (n * cm + c0 * m_ + q) * ohw
+                for p0 in range(0, ohw, L):
+                    cnt = min(L, ohw - p0)
+                    if nc == L and cnt == L:
+                        vtranspose(flat_dy, dbase + p0, m_ * ohw, dtile, p0 * L, L, L)
+                    else:
+                        for lane in range(L):
+                            if lane < nc:
+                                vstore(scratch, lane * L, vload_n(flat_dy, dbase + lane * m_ * ohw + p0, cnt))
+                            else:
+                                vstore(scratch, lane * L, vzero(scratch))
+                        vtranspose(scratch, 0, L, dtile, p0 * L, L, cnt)
+                wb = q * cp + c0
+                for oh in range(oh_):
+                    sb = oh * sh * tw * L
+                    drow = oh * ow_ * L
+                    ow = 0
+                    if sevens:  # rows of 7k pixels: blocks of seven, no 4- and 1-pixel tail
+                        while ow + 7 <= ow_:
+                            d0, d1, d2, d3, d4, d5, d6, d7 = _dy_block(dtile, drow + ow * L, L, L, 7)
+                            if slide:
+                                _grad_slide8(tile, sb + ow * L, L, runs, nruns, acc, wb, d0, d1, d2, d3, d4, d5, d6,
+                                             d7, 7)
+                            else:
+                                _grad8(tile, sb + ow * L, L, soff, aoff, taps, acc, wb, d0, d1, d2, d3, d4, d5, d6,
+                                       d7, 7)
+                            ow += 7
+                    while ow + BLOCK <= ow_:
+                        d0, d1, d2, d3, d4, d5, d6, d7 = _dy_block(dtile, drow + ow * L, L, L, 8)
+                        if slide:
+                            _grad_slide8(tile, sb + ow * L, L, runs, nruns, acc, wb, d0, d1, d2, d3, d4, d5, d6, d7)
+                        else:
+                            _grad8(tile, sb + ow * L, L, soff, aoff, taps, acc, wb, d0, d1, d2, d3, d4, d5, d6, d7)
+                        ow += BLOCK
+                    if ow + 4 <= ow_:
+                        d0, d1, d2, d3, d4, d5, d6, d7 = _dy_block(dtile, drow + ow * L, L, L, 4)
+                        _grad8(tile, sb + ow * L, L, soff, aoff, taps, acc, wb, d0, d1, d2, d3, d4, d5, d6, d7, 4)
+                        ow += 4
+                    while ow < ow_:
+                        _grad1(tile, sb + ow * L, soff, aoff, taps, acc, wb, vload(dtile, drow + ow * L), L)
+                        ow += 1
+
+
 _KERNELS = {
     ("forward", "NHWC"): _forward_nhwc,
     ("forward", "NCHW"): _forward_nchw,
@@ -1979,12 +2208,29 @@ def forward(x, f, geom, out=None, bias=None, activation="linear"):
             group = _nhwc_group(geom, cp, acc, geom.out_height, geom.out_width)
             _forward_nhwc(xs, wts, bp, bias is not None, lo, hi, ys, *geo,
                           _tasks(geom.batch * geom.out_height), group, _stream(ys))
+        elif (geom.stride_w == 1
+              and _nchw_tile_bytes(geom, geom.out_height, geom.out_width, geom.stride_h) <= NCHW_TILE_BYTES):
+            c, m, lanes = geom.channels, cm // geom.channels, _lanes(acc)
+            cp = -(-c // lanes) * lanes
+            wts = np.zeros((m, taps, cp), acc)
+            wts[:, :, :c] = filt.reshape(taps, c, m).transpose(2, 0, 1)
+            bp = np.zeros((m, cp), acc)
+            bp[:, :c] = b.reshape(c, m).T
+            _forward_nchw_tiled(xs, wts.ravel(), bp, bias is not None, lo, hi, ys, *geo,
+                                _tasks(geom.batch * (cp // lanes)))
         else:
             rows = 8 if geom.out_height >= 8 else (4 if geom.out_height >= 4 else 1)
             units = geom.batch * geom.channels * -(-geom.out_height // rows)
             _forward_nchw(xs, np.ascontiguousarray(filt.T).ravel(), b, bias is not None, lo, hi, ys, *geo,
                           _tasks(units), _stream(ys), NCHW_STAGE_BYTES // np.dtype(acc).itemsize, RUN_ELEMENTS)
     return _deliver(result, out)
+
+
+def _nchw_tile_bytes(geom, out_height, out_width, stride_h):
+    """The tile of :func:`_forward_nchw_tiled` for an output of ``out_height`` x ``out_width``
+    (column stride 1): the input rows and columns it reads, a vector of channels per pixel."""
+    rows = (out_height - 1) * stride_h + geom.effective_filter_height
+    return rows * (out_width - 1 + geom.effective_filter_width) * VECTOR_BYTES
 
 
 def _nhwc_group(geom, cp, acc, out_height, out_width):
@@ -2010,6 +2256,17 @@ def backprop_input(f, dy, geom, out=None):
         elif not np.isfinite(filt).all():
             # padding zeros times NaN/Inf would not be zero: gather only real terms
             _KERNELS["backprop_input_exact", geom.data_format](ys, filt.reshape(kh, kw, c * m), xs, *geo)
+        elif (geom.data_format == "NCHW" and m == 1 and geom.stride_h == geom.stride_w == 1
+              and _nchw_tile_bytes(geom, geom.in_height, geom.in_width, 1) <= NCHW_TILE_BYTES):
+            # without strides or a multiplier, the forward of dy with the filter turned half round
+            lanes = _lanes(acc)
+            wts = np.zeros((1, kh * kw, -(-c // lanes) * lanes), acc)
+            wts[0, :, :c] = filt[::-1, ::-1].reshape(kh * kw, c)
+            eff_h, eff_w = geom.effective_filter_height, geom.effective_filter_width
+            lo, hi = spec.activation_bounds("linear", dtype)  # the forward's types: no compile of its own
+            _forward_nchw_tiled(ys, wts.ravel(), np.zeros((1, wts.shape[2]), acc), False, lo, hi, xs,
+                                kh, kw, 1, 1, geom.dilation_h, geom.dilation_w, eff_h - 1 - geom.pad_top,
+                                eff_w - 1 - geom.pad_left, _tasks(geom.batch * (wts.shape[2] // lanes)))
         elif geom.data_format == "NHWC":
             lanes = _lanes(acc)
             cp = -(-c // lanes) * lanes
@@ -2047,11 +2304,18 @@ def backprop_filter(x, dy, geom, out=None):
     else:
         xs, ys = _kernel_view(x, dtype), _kernel_view(dy, dtype)
         geo = (kh, kw, geom.stride_h, geom.stride_w, geom.dilation_h, geom.dilation_w, geom.pad_top, geom.pad_left)
+        tiled = (geom.data_format == "NCHW" and geom.stride_w == 1
+                 and _nchw_tile_bytes(geom, geom.out_height, geom.out_width, geom.stride_h) <= NCHW_TILE_BYTES)
         if geom.data_format == "NHWC":
             lanes = _lanes(acc)
             cp = -(-cm // lanes) * lanes
             partial = np.zeros((_tasks(geom.batch * geom.out_height), taps * cp), acc)
             _backprop_filter_nhwc(xs, ys, partial, *geo, STAGE_BYTES // np.dtype(acc).itemsize)
+        elif tiled:
+            lanes = _lanes(acc)
+            cp = -(-c // lanes) * lanes
+            partial = np.zeros((_tasks(geom.batch * (cp // lanes)), taps * m * cp), acc)
+            _backprop_filter_nchw_tiled(xs, ys, partial, *geo)
         else:
             cp = cm
             units = geom.batch * geom.channels * -(-geom.out_height // 8)
@@ -2061,7 +2325,10 @@ def backprop_filter(x, dy, geom, out=None):
         total = partial[0].copy()
         for t in range(1, partial.shape[0]):
             total += partial[t]
-        total = total.reshape(taps, cp)[:, :cm]
+        if tiled:  # [tap][multiplier][padded channel] -> [tap][channel][multiplier]
+            total = total.reshape(taps, m, cp)[:, :, :c].transpose(0, 2, 1).reshape(taps, cm)
+        else:
+            total = total.reshape(taps, cp)[:, :cm]
     result = total.reshape(geom.filter_shape).astype(dtype)
     if out is None:
         return result

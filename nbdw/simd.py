@@ -525,3 +525,45 @@ def _repeat(name, times):
 vrepeat2 = _repeat("vrepeat2", 2)
 vrepeat4 = _repeat("vrepeat4", 4)
 vrepeat8 = _repeat("vrepeat8", 8)
+
+
+@intrinsic
+def vtranspose(typingctx, src, s0, sstride, dst, d0, dstride, count):
+    """Transpose a square of vectors: load ``lanes`` vectors of ``src`` at ``s0 + i * sstride``
+    (widened), and store vector ``i`` of the transpose (narrowed to ``dst``'s storage) at
+    ``d0 + i * dstride`` for ``i < count``. All loads come before the stores, so ``dst`` may be
+    ``src``. Built from log2(lanes) rounds of two-input shuffles, each swapping the off-diagonal
+    blocks of a size."""
+    ints = (s0, sstride, d0, dstride, count)
+    if (not _is_array(src) or not _is_array(dst) or vector_type(src.dtype) != vector_type(dst.dtype)
+            or not all(isinstance(v, types.Integer) for v in ints)):
+        return None
+    vt = vector_type(src.dtype)
+    n = vt.lanes
+
+    def codegen(context, builder, sig, args):
+        s0_, ss = (context.cast(builder, args[i], sig.args[i], types.int64) for i in (1, 2))
+        d0_, ds = (context.cast(builder, args[i], sig.args[i], types.int64) for i in (4, 5))
+        rows = []
+        for i in range(n):
+            offset = builder.add(s0_, builder.mul(ss, ir.Constant(ss.type, i)))
+            ptr, _ = _pointer(context, builder, sig.args[0], args[0], offset, vt)
+            rows.append(_widen(builder, builder.load(ptr, align=_align(src)), src.dtype))
+        b = n // 2
+        while b:
+            lo = ir.Constant(ir.VectorType(_I32, n), [k if not k & b else n + k - b for k in range(n)])
+            hi = ir.Constant(ir.VectorType(_I32, n), [k + b if not k & b else n + k for k in range(n)])
+            for i in range(n):
+                if not i & b:
+                    rows[i], rows[i + b] = (builder.shuffle_vector(rows[i], rows[i + b], lo),
+                                            builder.shuffle_vector(rows[i], rows[i + b], hi))
+            b //= 2
+        count_ = context.cast(builder, args[6], sig.args[6], types.int64)
+        for i in range(n):
+            with builder.if_then(builder.icmp_signed(">", count_, ir.Constant(count_.type, i)), likely=True):
+                offset = builder.add(d0_, builder.mul(ds, ir.Constant(ds.type, i)))
+                ptr, _ = _pointer(context, builder, sig.args[3], args[3], offset, vt)
+                builder.store(_narrow(builder, rows[i], dst.dtype), ptr, align=_align(dst))
+        return context.get_dummy_value()
+
+    return types.none(src, s0, sstride, dst, d0, dstride, count), codegen

@@ -159,6 +159,7 @@ def test_channel_groups_and_streaming_stores(op, fmt, monkeypatch):
     """A stage budget of one channel block per group, and non-temporal stores for every size."""
     monkeypatch.setattr(cpu, "STAGE_BYTES", 1)
     monkeypatch.setattr(cpu, "NCHW_STAGE_BYTES", 1)  # NCHW: one block of rows per work unit
+    monkeypatch.setattr(cpu, "NCHW_TILE_BYTES", 0)  # the row kernel, not channel tiles
     monkeypatch.setattr(cpu, "STREAM_BYTES", 0)
     rng = np.random.default_rng(2)
     for dtype in (np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.float16)):
@@ -176,6 +177,7 @@ def test_nchw_forward_gathers_blocks_into_runs(run, stream, monkeypatch):
     work units of one block whose multiplier slices are not contiguous (a new run per slice,
     also where the next block lies just behind the run, in the previous slice)."""
     monkeypatch.setattr(cpu, "RUN_ELEMENTS", run)
+    monkeypatch.setattr(cpu, "NCHW_TILE_BYTES", 0)  # the row kernel, not channel tiles
     monkeypatch.setattr(cpu, "STREAM_BYTES", 0 if stream else 1 << 40)
     rng = np.random.default_rng(7)
     for dtype in (np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.float16)):
@@ -188,6 +190,94 @@ def test_nchw_forward_gathers_blocks_into_runs(run, stream, monkeypatch):
         _check("forward", _make("NCHW", nhwc, fshape, (1, 1), (1, 1)), np.dtype(np.float32), rng)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.name)
+def test_nchw_forward_through_channel_tiles(dtype, monkeypatch):
+    """NCHW forward with column stride 1 on small planes transposes a vector of planes into a
+    (pixel, channel) tile (``_forward_nchw_tiled``): channel counts of whole and partial vectors
+    (1, lanes - 1, lanes, 2 lanes + 1), rows shorter than, as long as and longer than a vector
+    (last plane's rows read through the masked path), row widths for every pixel block (1 to 3,
+    4 to 6, sevens, eights with an overlapping last block), multipliers, dilations, row strides
+    with input rows VALID leaves out, explicit padding, and the fused epilogue. The same cases
+    with the tiles switched off take the row kernel, and column strides always do."""
+    calls = []
+    tiled = cpu._forward_nchw_tiled
+    monkeypatch.setattr(cpu, "_forward_nchw_tiled", lambda *a: calls.append(1) or tiled(*a))
+    monkeypatch.setattr(cpu, "_tasks", lambda units: max(1, min(units, 3)))  # uneven splits too
+    rng = np.random.default_rng(11)
+    lanes = cpu._lanes(cpu.spec.accumulator_dtype(dtype))
+    cases = [((2, 14, 14, lanes), (3, 3, 1), (1, 1), (1, 1), "SAME"),
+             ((1, 7, 7, 2 * lanes + 1), (3, 3, 2), (1, 1), (1, 1), "SAME"),
+             ((2, 10, 20, lanes - 1), (5, 5, 1), (2, 1), (1, 1), "VALID"),
+             ((1, 9, 3, lanes), (2, 3, 3), (1, 1), (2, 1), "EXPLICIT"),
+             ((1, 6, 5, 1), (3, 3, 1), (1, 1), (1, 2), "SAME"),
+             ((2, 12, 37, lanes), (7, 7, 1), (1, 1), (1, 1), "SAME"),
+             ((1, 11, 2, 3), (1, 1, 2), (3, 1), (1, 1), "VALID")]
+    for tile_bytes in (1 << 30, 0):
+        monkeypatch.setattr(cpu, "NCHW_TILE_BYTES", tile_bytes)
+        calls.clear()
+        for nhwc, (kh, kw, m), strides, dilations, kind in cases:
+            c = nhwc[3]
+            cfg = _make("NCHW", nhwc, (kh, kw, c, m), strides, dilations, kind, ((2, 0), (1, 3)))
+            _check("forward", cfg, dtype, rng)
+            bias = (3 * rng.standard_normal(c * m)).astype(dtype)
+            _check("forward", cfg, dtype, rng, bias=bias, activation="relu6")
+        assert len(calls) == (2 * len(cases) if tile_bytes else 0)
+    monkeypatch.setattr(cpu, "NCHW_TILE_BYTES", 1 << 30)
+    _check("forward", _make("NCHW", (1, 8, 9, 3), (3, 3, 3, 1), (1, 2), (1, 1)), dtype, rng)
+    assert not calls
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.name)
+def test_nchw_backprop_input_through_channel_tiles(dtype, monkeypatch):
+    """NCHW backprop input without strides or a multiplier is the forward of dy with the filter
+    turned half round, through channel tiles: SAME, VALID, explicit padding beyond the filter's
+    reach (negative padding for the forward: dy rows and columns that feed no input element),
+    dilations, partial channel vectors. A multiplier or a stride takes the row kernel."""
+    calls = []
+    tiled = cpu._forward_nchw_tiled
+    monkeypatch.setattr(cpu, "_forward_nchw_tiled", lambda *a: calls.append(1) or tiled(*a))
+    monkeypatch.setattr(cpu, "NCHW_TILE_BYTES", 1 << 30)
+    rng = np.random.default_rng(12)
+    lanes = cpu._lanes(cpu.spec.accumulator_dtype(dtype))
+    cases = [((2, 14, 14, lanes), (3, 3), (1, 1), "SAME", ((0, 0), (0, 0))),
+             ((1, 9, 20, lanes + 3), (5, 3), (1, 2), "VALID", ((0, 0), (0, 0))),
+             ((2, 6, 7, 5), (3, 2), (2, 1), "EXPLICIT", ((5, 0), (1, 4))),
+             ((1, 4, 3, 1), (1, 1), (1, 1), "EXPLICIT", ((2, 1), (0, 3)))]
+    for nhwc, (kh, kw), dilations, kind, pads in cases:
+        cfg = _make("NCHW", nhwc, (kh, kw, nhwc[3], 1), (1, 1), dilations, kind, pads)
+        _check("backprop_input", cfg, dtype, rng)
+    assert len(calls) == len(cases)
+    for fshape, strides in (((3, 3, 4, 2), (1, 1)), ((3, 3, 4, 1), (2, 1)), ((3, 3, 4, 1), (1, 2))):
+        _check("backprop_input", _make("NCHW", (1, 8, 9, 4), fshape, strides, (1, 1)), dtype, rng)
+    assert len(calls) == len(cases)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.name)
+def test_nchw_backprop_filter_through_channel_tiles(dtype, monkeypatch):
+    """NCHW backprop filter with column stride 1 on small planes sums its products in channel
+    tiles (``_backprop_filter_nchw_tiled``): partial channel vectors (dy lanes past the planes
+    are zero), multipliers, row widths for blocks of seven, of eight with a 4- and 1-pixel tail,
+    rows strides, dilations, VALID and explicit padding; with more tasks than threads, so that
+    partial sums of one channel come from several tasks. Column strides take the row kernel."""
+    calls = []
+    tiled = cpu._backprop_filter_nchw_tiled
+    monkeypatch.setattr(cpu, "_backprop_filter_nchw_tiled", lambda *a: calls.append(1) or tiled(*a))
+    monkeypatch.setattr(cpu, "_tasks", lambda units: max(1, min(units, 3)))
+    monkeypatch.setattr(cpu, "NCHW_TILE_BYTES", 1 << 30)
+    rng = np.random.default_rng(13)
+    lanes = cpu._lanes(cpu.spec.accumulator_dtype(dtype))
+    cases = [((3, 14, 14, lanes), (3, 3, 1), (1, 1), (1, 1), "SAME"),
+             ((2, 7, 13, lanes + 3), (5, 3, 2), (2, 1), (1, 1), "VALID"),
+             ((1, 9, 21, 5), (3, 2, 3), (1, 1), (2, 3), "EXPLICIT"),
+             ((2, 5, 2, 2 * lanes), (1, 1, 1), (1, 1), (1, 1), "SAME")]
+    for nhwc, (kh, kw, m), strides, dilations, kind in cases:
+        cfg = _make("NCHW", nhwc, (kh, kw, nhwc[3], m), strides, dilations, kind, ((1, 2), (0, 3)))
+        _check("backprop_filter", cfg, dtype, rng)
+    assert len(calls) == len(cases)
+    _check("backprop_filter", _make("NCHW", (1, 8, 9, 4), (3, 3, 4, 1), (1, 2), (1, 1)), dtype, rng)
+    assert len(calls) == len(cases)
+
+
 @pytest.mark.parametrize("op", OPS)
 def test_nchw_work_units_of_several_blocks(op, monkeypatch):
     """NCHW work units of two 8-row blocks over 37 output rows: three units, the last one short
@@ -195,6 +285,7 @@ def test_nchw_work_units_of_several_blocks(op, monkeypatch):
     filter); backprop input sizes its units from its own staged rows, a few blocks each here.
     Strides 1 and 2 and a dilated filter."""
     rng = np.random.default_rng(4)
+    monkeypatch.setattr(cpu, "NCHW_TILE_BYTES", 0)  # the row kernel, not channel tiles
     for strides, dilations in (((1, 1), (1, 1)), ((2, 1), (1, 1)), ((1, 2), (2, 1))):
         cfg = _make("NCHW", (2, 37 * strides[0], 20, 3), (3, 3, 3, 2), strides, dilations)
         sw, ow = strides[1], -(-20 // strides[1])  # SAME
@@ -356,14 +447,16 @@ def test_backprop_filter_bitwise_repeatable_at_batch_one(fmt):
 
 
 @pytest.mark.parametrize("op", ["forward", "backprop_input"])
+@pytest.mark.parametrize("tile_bytes", [0, 1 << 30], ids=["rows", "tiles"])
 @pytest.mark.parametrize("stage_bytes", [1, 1 << 20])
-def test_nchw_row_tails_with_more_tasks_than_threads(op, stage_bytes, monkeypatch):
+def test_nchw_row_tails_with_more_tasks_than_threads(op, stage_bytes, tile_bytes, monkeypatch):
     """NCHW blocks whose rows end mid-vector, under many tasks over few planes: work units of one
     block (several per plane, the planes of a unit interleaving with the next unit's in memory)
     and of whole planes, multipliers 1 and 3, 1 to 9 columns. Every lane must hold its own
-    result, whichever task wrote next to it."""
+    result, whichever task wrote next to it. Forward also through channel tiles."""
     monkeypatch.setattr(cpu, "_tasks", lambda units: max(1, min(units, 7)))
     monkeypatch.setattr(cpu, "NCHW_STAGE_BYTES", stage_bytes)
+    monkeypatch.setattr(cpu, "NCHW_TILE_BYTES", tile_bytes)
     rng = np.random.default_rng(11)
     for nhwc, fshape in (((2, 9, 5, 3), (3, 3, 3, 1)), ((1, 13, 3, 2), (3, 2, 2, 3)), ((3, 4, 1, 2), (1, 1, 2, 1)),
                          ((1, 6, 9, 4), (5, 5, 4, 3))):

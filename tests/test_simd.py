@@ -6,7 +6,7 @@ import pytest
 from numba import njit
 
 from nbdw.simd import (VECTOR_BYTES, prefetch, prefetch_write, target_vector_bytes, vload, vload_at, vselect_lanes,
-                       vstore)
+                       vstore, vtranspose)
 
 
 @njit
@@ -68,6 +68,33 @@ def test_load_at_reads_offset_plus_displacement(dtype, offset, disp):
     if dtype == np.uint16:  # float16 bits, widened on load
         expected = expected.view(np.float16)
     np.testing.assert_array_equal(out, expected.astype(out.dtype))
+
+
+@njit
+def _transpose(src, s0, sstride, dst, d0, dstride, count):
+    vtranspose(src, s0, sstride, dst, d0, dstride, count)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.uint16])
+@pytest.mark.parametrize("count", [None, 5, 0])
+def test_transpose_moves_a_square_of_vectors(dtype, count):
+    """Strided rows in, strided transposed rows out (widened and narrowed), only the first
+    ``count`` rows stored; in place, with the square's rows adjacent."""
+    n = VECTOR_BYTES // (8 if dtype == np.float64 else 4)
+    count = n if count is None else count
+    values = np.arange(3 * n * n) * 0.5 - 7
+    src = values.astype(np.float16).view(np.uint16) if dtype == np.uint16 else values.astype(dtype)
+    dst = np.full(4 * n * n, 99, src.dtype)
+    _transpose(src, 3, 2 * n + 1, dst, 5, 3 * n, count)
+    square = np.stack([src[3 + i * (2 * n + 1):][:n] for i in range(n)])
+    expected = np.full_like(dst, 99)
+    for i in range(count):
+        expected[5 + i * 3 * n:][:n] = square[:, i]
+    np.testing.assert_array_equal(dst, expected)
+    inplace = src.copy()
+    _transpose(inplace, 0, n, inplace, 0, n, n)
+    np.testing.assert_array_equal(inplace[:n * n].reshape(n, n), src[:n * n].reshape(n, n).T)
+    np.testing.assert_array_equal(inplace[n * n:], src[n * n:])
 
 
 @pytest.mark.parametrize("features, expected", [
