@@ -1241,6 +1241,15 @@ def _forward_nchw_tiled(x, wts, bias, has_bias, lo, hi, out, kh_, kw_, sh, sw, d
             c0 = (unit - n * groups) * L
             nc = min(L, c_ - c0)
             _tile_in_nchw(tile, scratch, flat_x, (n * c_ + c0) * hw, h_, w_, nc, pt, pl, th, sw, wq)
+            # planes are too short for the hardware prefetcher: fetch the next unit's input (the
+            # next planes of x) and this unit's output lines while computing
+            pf = (n * c_ + c0 + nc) * hw
+            pf_end = min(pf + L * hw, flat_x.size) if unit + 1 < u1 else pf
+            wf = (n * cm + c0 * m_) * ohw
+            wf_end = wf + nc * m_ * ohw
+            calls = m_ * oh_ * ((ow_ + 6) // 7)
+            per = _per_call(x, pf, pf_end, calls)
+            wper = _per_call(out, wf, wf_end, calls)
             for q in range(m_):
                 wb = q * taps * cp + c0
                 bv = vload(bias, q * cp + c0)
@@ -1249,6 +1258,8 @@ def _forward_nchw_tiled(x, wts, bias, has_bias, lo, hi, out, kh_, kw_, sh, sw, d
                     orow = oh * ow_ * L
                     ow = 0
                     while ow < ow_:
+                        pf = _prefetch_some(x, pf, pf_end, per)
+                        wf = _prefetch_some(out, wf, wf_end, wper, True)
                         if sevens or ow_ >= BLOCK:
                             if sevens:
                                 if slide:
@@ -1988,6 +1999,15 @@ def _backprop_filter_nchw_tiled(x, dy, partial, kh_, kw_, sh, sw, dh, dw, pt, pl
             c0 = (unit - n * groups) * L
             nc = min(L, c_ - c0)
             _tile_in_nchw(tile, scratch, flat_x, (n * c_ + c0) * hw, h_, w_, nc, pt, pl, th, sw, wq)
+            # the next unit's planes of x and dy, fetched while computing (see _forward_nchw_tiled)
+            more = unit + 1 < u1
+            pf = (n * c_ + c0 + nc) * hw
+            pf_end = min(pf + L * hw, flat_x.size) if more else pf
+            qf = (n * cm + (c0 + nc) * m_) * ohw
+            qf_end = min(qf + L * m_ * ohw, flat_dy.size) if more else qf
+            calls = m_ * oh_ * ((ow_ + 6) // 7)
+            per = _per_call(x, pf, pf_end, calls)
+            qper = _per_call(dy, qf, qf_end, calls)
             for q in range(m_):
                 dbase = (n * cm + c0 * m_ + q) * ohw
                 for p0 in range(0, ohw, L):
@@ -2008,6 +2028,8 @@ def _backprop_filter_nchw_tiled(x, dy, partial, kh_, kw_, sh, sw, dh, dw, pt, pl
                     ow = 0
                     if sevens:  # rows of 7k pixels: blocks of seven, no 4- and 1-pixel tail
                         while ow + 7 <= ow_:
+                            pf = _prefetch_some(x, pf, pf_end, per)
+                            qf = _prefetch_some(dy, qf, qf_end, qper)
                             d0, d1, d2, d3, d4, d5, d6, d7 = _dy_block(dtile, drow + ow * L, L, L, 7)
                             if slide:
                                 _grad_slide8(tile, sb + ow * L, L, runs, nruns, acc, wb, d0, d1, d2, d3, d4, d5, d6,
@@ -2017,6 +2039,8 @@ def _backprop_filter_nchw_tiled(x, dy, partial, kh_, kw_, sh, sw, dh, dw, pt, pl
                                        d7, 7)
                             ow += 7
                     while ow + BLOCK <= ow_:
+                        pf = _prefetch_some(x, pf, pf_end, per)
+                        qf = _prefetch_some(dy, qf, qf_end, qper)
                         d0, d1, d2, d3, d4, d5, d6, d7 = _dy_block(dtile, drow + ow * L, L, L, 8)
                         if slide:
                             _grad_slide8(tile, sb + ow * L, L, runs, nruns, acc, wb, d0, d1, d2, d3, d4, d5, d6, d7)
