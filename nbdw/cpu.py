@@ -1767,6 +1767,45 @@ def _dy_block(dy, d, cm, count, nb):
             _load_count(dy, d + 7 * cm, count) if nb == 8 else z)
 
 
+@njit(cache=True, fastmath=FASTMATH, inline="always")  # a call updates the arrays' shared reference counts
+def _grad_row(stage, sb, runs, nruns, slide, soff, aoff, taps, acc, wb, dsrc, d, dstep, count, ow_, sevens,
+              x, pf, pf_end, per, dy, qf, qf_end, qper):
+    """Backprop filter over one output row of (pixel, channel) vectors: the stage row from
+    ``sb`` (pixels one vector apart), dy vectors of ``dsrc`` from ``d``, ``dstep`` apart (first
+    ``count`` lanes), into ``acc`` at ``wb``; blocks of eight (or seven for rows of 7k pixels),
+    then four, then single pixels. Prefetches ``x`` and ``dy`` on the way; returns where they
+    continue."""
+    L = vlanes(acc)
+    ow = 0
+    if sevens:  # rows of 7k pixels: blocks of seven, no 4- and 1-pixel tail
+        while ow + 7 <= ow_:
+            pf = _prefetch_some(x, pf, pf_end, per)
+            qf = _prefetch_some(dy, qf, qf_end, qper)
+            d0, d1, d2, d3, d4, d5, d6, d7 = _dy_block(dsrc, d + ow * dstep, dstep, count, 7)
+            if slide:
+                _grad_slide8(stage, sb + ow * L, L, runs, nruns, acc, wb, d0, d1, d2, d3, d4, d5, d6, d7, 7)
+            else:
+                _grad8(stage, sb + ow * L, L, soff, aoff, taps, acc, wb, d0, d1, d2, d3, d4, d5, d6, d7, 7)
+            ow += 7
+    while ow + BLOCK <= ow_:
+        pf = _prefetch_some(x, pf, pf_end, per)
+        qf = _prefetch_some(dy, qf, qf_end, qper)
+        d0, d1, d2, d3, d4, d5, d6, d7 = _dy_block(dsrc, d + ow * dstep, dstep, count, 8)
+        if slide:
+            _grad_slide8(stage, sb + ow * L, L, runs, nruns, acc, wb, d0, d1, d2, d3, d4, d5, d6, d7)
+        else:
+            _grad8(stage, sb + ow * L, L, soff, aoff, taps, acc, wb, d0, d1, d2, d3, d4, d5, d6, d7)
+        ow += BLOCK
+    if ow + 4 <= ow_:  # the end of the row: four pixels, then single ones
+        d0, d1, d2, d3, d4, d5, d6, d7 = _dy_block(dsrc, d + ow * dstep, dstep, count, 4)
+        _grad8(stage, sb + ow * L, L, soff, aoff, taps, acc, wb, d0, d1, d2, d3, d4, d5, d6, d7, 4)
+        ow += 4
+    while ow < ow_:
+        _grad1(stage, sb + ow * L, soff, aoff, taps, acc, wb, _load_count(dsrc, d + ow * dstep, count), L)
+        ow += 1
+    return pf, qf
+
+
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
 def _backprop_filter_nhwc(x, dy, partial, kh_, kw_, sh, sw, dh, dw, pt, pl, budget):
     """x (N, H, W, C); dy (N, OH, OW, C*M); partial (T, KH*KW*CP) zeroed, accumulator dtype:
@@ -1816,36 +1855,8 @@ def _backprop_filter_nhwc(x, dy, partial, kh_, kw_, sh, sw, dh, dw, pt, pl, budg
                     sb = (cb - g0) * cbstride
                     wb = cb * L
                     count = cm - wb
-                    ow = 0
-                    if sevens:  # rows of 7k pixels: blocks of seven, no 4- and 1-pixel tail
-                        while ow + 7 <= ow_:
-                            pf = _prefetch_some(x, pf, pf_end, per)
-                            qf = _prefetch_some(dy, qf, qf_end, qper)
-                            d0, d1, d2, d3, d4, d5, d6, d7 = _dy_block(dy, (drow + ow) * cm + wb, cm, count, 7)
-                            if slide:
-                                _grad_slide8(stage, sb + ow * L, L, runs, nruns, acc, wb, d0, d1, d2, d3, d4, d5, d6,
-                                             d7, 7)
-                            else:
-                                _grad8(stage, sb + ow * L, L, soff, aoff, taps, acc, wb, d0, d1, d2, d3, d4, d5, d6,
-                                       d7, 7)
-                            ow += 7
-                    while ow + BLOCK <= ow_:
-                        pf = _prefetch_some(x, pf, pf_end, per)
-                        qf = _prefetch_some(dy, qf, qf_end, qper)
-                        d0, d1, d2, d3, d4, d5, d6, d7 = _dy_block(dy, (drow + ow) * cm + wb, cm, count, 8)
-                        if slide:
-                            _grad_slide8(stage, sb + ow * L, L, runs, nruns, acc, wb, d0, d1, d2, d3, d4, d5, d6, d7)
-                        else:
-                            _grad8(stage, sb + ow * L, L, soff, aoff, taps, acc, wb, d0, d1, d2, d3, d4, d5, d6, d7)
-                        ow += BLOCK
-                    if ow + 4 <= ow_:  # the end of the row: four pixels, then single ones
-                        d0, d1, d2, d3, d4, d5, d6, d7 = _dy_block(dy, (drow + ow) * cm + wb, cm, count, 4)
-                        _grad8(stage, sb + ow * L, L, soff, aoff, taps, acc, wb, d0, d1, d2, d3, d4, d5, d6, d7, 4)
-                        ow += 4
-                    while ow < ow_:
-                        dv = _load_count(dy, (drow + ow) * cm + wb, count)
-                        _grad1(stage, sb + ow * L, soff, aoff, taps, acc, wb, dv, L)
-                        ow += 1
+                    pf, qf = _grad_row(stage, sb, runs, nruns, slide, soff, aoff, taps, acc, wb, dy, drow * cm + wb, cm,
+                                       count, ow_, sevens, x, pf, pf_end, per, dy, qf, qf_end, qper)
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
@@ -2025,35 +2036,8 @@ def _backprop_filter_nchw_tiled(x, dy, partial, kh_, kw_, sh, sw, dh, dw, pt, pl
                 for oh in range(oh_):
                     sb = oh * sh * tw * L
                     drow = oh * ow_ * L
-                    ow = 0
-                    if sevens:  # rows of 7k pixels: blocks of seven, no 4- and 1-pixel tail
-                        while ow + 7 <= ow_:
-                            pf = _prefetch_some(x, pf, pf_end, per)
-                            qf = _prefetch_some(dy, qf, qf_end, qper)
-                            d0, d1, d2, d3, d4, d5, d6, d7 = _dy_block(dtile, drow + ow * L, L, L, 7)
-                            if slide:
-                                _grad_slide8(tile, sb + ow * L, L, runs, nruns, acc, wb, d0, d1, d2, d3, d4, d5, d6,
-                                             d7, 7)
-                            else:
-                                _grad8(tile, sb + ow * L, L, soff, aoff, taps, acc, wb, d0, d1, d2, d3, d4, d5, d6,
-                                       d7, 7)
-                            ow += 7
-                    while ow + BLOCK <= ow_:
-                        pf = _prefetch_some(x, pf, pf_end, per)
-                        qf = _prefetch_some(dy, qf, qf_end, qper)
-                        d0, d1, d2, d3, d4, d5, d6, d7 = _dy_block(dtile, drow + ow * L, L, L, 8)
-                        if slide:
-                            _grad_slide8(tile, sb + ow * L, L, runs, nruns, acc, wb, d0, d1, d2, d3, d4, d5, d6, d7)
-                        else:
-                            _grad8(tile, sb + ow * L, L, soff, aoff, taps, acc, wb, d0, d1, d2, d3, d4, d5, d6, d7)
-                        ow += BLOCK
-                    if ow + 4 <= ow_:
-                        d0, d1, d2, d3, d4, d5, d6, d7 = _dy_block(dtile, drow + ow * L, L, L, 4)
-                        _grad8(tile, sb + ow * L, L, soff, aoff, taps, acc, wb, d0, d1, d2, d3, d4, d5, d6, d7, 4)
-                        ow += 4
-                    while ow < ow_:
-                        _grad1(tile, sb + ow * L, soff, aoff, taps, acc, wb, vload(dtile, drow + ow * L), L)
-                        ow += 1
+                    pf, qf = _grad_row(tile, sb, runs, nruns, slide, soff, aoff, taps, acc, wb, dtile, drow, L, L,
+                                       ow_, sevens, x, pf, pf_end, per, dy, qf, qf_end, qper)
 
 
 _KERNELS = {
