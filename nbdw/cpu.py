@@ -1159,6 +1159,28 @@ def _forward_nchw(x, wts, bias, has_bias, lo, hi, out, kh_, kw_, sh, sw, dh, dw,
             store_fence()
 
 
+@njit(cache=True)
+def _tile_shape(oh_, ow_, kh_, kw_, sh, sw, dh, dw):
+    """A channel tile's rows, columns per phase and row length (in pixels): the input an
+    output of ``oh_`` x ``ow_`` reads, columns split into ``sw`` phases so taps stay one vector
+    apart."""
+    th = (oh_ - 1) * sh + (kh_ - 1) * dh + 1
+    wq = ((ow_ - 1) * sw + (kw_ - 1) * dw + 1 + sw - 1) // sw
+    return th, wq, sw * wq
+
+
+@njit(cache=True)
+def _tile_taps(soff, woff, wstep, kh_, kw_, dh, dw, sw, wq, tw, L):
+    """Each tap's offset in a channel tile and its weight (or accumulator) offset, ``wstep`` a tap."""
+    t = 0
+    for kh in range(kh_):
+        for kw in range(kw_):
+            off = kw * dw
+            soff[t] = (kh * dh * tw + (off % sw) * wq + off // sw) * L
+            woff[t] = t * wstep
+            t += 1
+
+
 @njit(cache=True, fastmath=FASTMATH, inline="always")  # a call updates x's shared reference count
 def _tile_in_nchw(tile, scratch, flat_x, base, h_, w_, nc, pt, pl, th, sw, wq):
     """Transpose the ``nc`` planes (H, W) from ``flat_x[base:]`` into ``tile`` (row, phase-major
@@ -1206,9 +1228,7 @@ def _forward_nchw_tiled(x, wts, bias, has_bias, lo, hi, out, kh_, kw_, sh, sw, d
     taps = kh_ * kw_
     L = vlanes(wts)
     groups = cp // L
-    th = (oh_ - 1) * sh + (kh_ - 1) * dh + 1
-    wq = ((ow_ - 1) * sw + (kw_ - 1) * dw + 1 + sw - 1) // sw  # tile columns per phase
-    tw = sw * wq
+    th, wq, tw = _tile_shape(oh_, ow_, kh_, kw_, sh, sw, dh, dw)
     hw = h_ * w_
     ohw = oh_ * ow_
     units = n_ * groups
@@ -1223,13 +1243,7 @@ def _forward_nchw_tiled(x, wts, bias, has_bias, lo, hi, out, kh_, kw_, sh, sw, d
         soff = np.empty(taps, np.int64)
         woff = np.empty(taps, np.int64)
         runs = np.empty((taps, 4), np.int64)
-        t = 0
-        for kh in range(kh_):
-            for kw in range(kw_):
-                off = kw * dw
-                soff[t] = (kh * dh * tw + (off % sw) * wq + off // sw) * L
-                woff[t] = t * cp
-                t += 1
+        _tile_taps(soff, woff, cp, kh_, kw_, dh, dw, sw, wq, tw, L)
         nruns = _runs(soff, woff, taps, L, runs)
         slide = SLIDE and 2 * nruns <= taps
         fixed = _run_length(runs, nruns)
@@ -1978,9 +1992,7 @@ def _backprop_filter_nchw_tiled(x, dy, partial, kh_, kw_, sh, sw, dh, dw, pt, pl
     cp = partial.shape[1] // (taps * m_)
     L = vlanes(partial)
     groups = cp // L
-    th = (oh_ - 1) * sh + (kh_ - 1) * dh + 1
-    wq = ((ow_ - 1) * sw + (kw_ - 1) * dw + 1 + sw - 1) // sw
-    tw = sw * wq
+    th, wq, tw = _tile_shape(oh_, ow_, kh_, kw_, sh, sw, dh, dw)
     hw = h_ * w_
     ohw = oh_ * ow_
     units = n_ * groups
@@ -1996,13 +2008,7 @@ def _backprop_filter_nchw_tiled(x, dy, partial, kh_, kw_, sh, sw, dh, dw, pt, pl
         soff = np.empty(taps, np.int64)
         aoff = np.empty(taps, np.int64)
         runs = np.empty((taps, 4), np.int64)
-        t = 0
-        for kh in range(kh_):
-            for kw in range(kw_):
-                off = kw * dw
-                soff[t] = (kh * dh * tw + (off % sw) * wq + off // sw) * L
-                aoff[t] = t * m_ * cp
-                t += 1
+        _tile_taps(soff, aoff, m_ * cp, kh_, kw_, dh, dw, sw, wq, tw, L)
         nruns = _runs(soff, aoff, taps, L, runs)
         slide = SLIDE and 2 * nruns <= taps
         for unit in range(u0, u1):
