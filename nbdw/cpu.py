@@ -1185,6 +1185,19 @@ def _tile_taps(soff, woff, wstep, kh_, kw_, dh, dw, sw, wq, tw, L):
             t += 1
 
 
+@njit(cache=True, fastmath=FASTMATH, inline="always")  # a call updates src's shared reference count
+def _gather_square(scratch, src, s0, stride, nc, cnt):
+    """A square to transpose, in ``scratch``: row ``lane`` holds ``cnt`` elements of ``src`` from
+    ``s0 + lane * stride`` for the ``nc`` planes there, zero past them (nothing is read there:
+    other planes' NaN must not reach the padded lanes)."""
+    L = vlanes(scratch)
+    for lane in range(L):
+        if lane < nc:
+            vstore(scratch, lane * L, vload_n(src, s0 + lane * stride, cnt))
+        else:
+            vstore(scratch, lane * L, vzero(scratch))
+
+
 @njit(cache=True, fastmath=FASTMATH, inline="always")  # a call updates x's shared reference count
 def _tile_in_nchw(tile, scratch, flat_x, base, h_, w_, nc, pt, pl, th, sw, wq):
     """Transpose the ``nc`` planes (H, W) from ``flat_x[base:]`` into ``tile`` (row, phase-major
@@ -1204,11 +1217,7 @@ def _tile_in_nchw(tile, scratch, flat_x, base, h_, w_, nc, pt, pl, th, sw, wq):
             if sw == 1 and nc == L and src + (L - 1) * hw + iw + L <= flat_x.size:
                 vtranspose(flat_x, src + iw, hw, tile, (dst + pl + iw) * L, L, cnt)
                 continue
-            for lane in range(L):
-                if lane < nc:
-                    vstore(scratch, lane * L, vload_n(flat_x, src + lane * hw + iw, cnt))
-                else:
-                    vstore(scratch, lane * L, vzero(scratch))
+            _gather_square(scratch, flat_x, src + iw, hw, nc, cnt)
             vtranspose(scratch, 0, L, scratch, 0, L, L)
             for i in range(cnt):
                 j = iw + i + pl
@@ -2036,11 +2045,7 @@ def _backprop_filter_nchw_tiled(x, dy, partial, kh_, kw_, sh, sw, dh, dw, pt, pl
                     if nc == L and cnt == L:
                         vtranspose(flat_dy, dbase + p0, m_ * ohw, dtile, p0 * L, L, L)
                     else:
-                        for lane in range(L):
-                            if lane < nc:
-                                vstore(scratch, lane * L, vload_n(flat_dy, dbase + lane * m_ * ohw + p0, cnt))
-                            else:
-                                vstore(scratch, lane * L, vzero(scratch))
+                        _gather_square(scratch, flat_dy, dbase + p0, m_ * ohw, nc, cnt)
                         vtranspose(scratch, 0, L, dtile, p0 * L, L, cnt)
                 wb = q * cp + c0
                 for oh in range(oh_):
@@ -2246,9 +2251,10 @@ def forward(x, f, geom, out=None, bias=None, activation="linear"):
 
 def _nchw_tile_bytes(geom, out_height, out_width, stride_h):
     """The tile of :func:`_forward_nchw_tiled` for an output of ``out_height`` x ``out_width``
-    (column stride 1): the input rows and columns it reads, a vector of channels per pixel."""
-    rows = (out_height - 1) * stride_h + geom.effective_filter_height
-    return rows * (out_width - 1 + geom.effective_filter_width) * VECTOR_BYTES
+    (column stride 1), a vector of channels per pixel (:func:`_tile_shape`)."""
+    rows, _, cols = _tile_shape.py_func(out_height, out_width, geom.filter_height, geom.filter_width, stride_h, 1,
+                                        geom.dilation_h, geom.dilation_w)
+    return rows * cols * VECTOR_BYTES
 
 
 def _nhwc_group(geom, cp, acc, out_height, out_width):
