@@ -2,8 +2,8 @@
 
 Every kernel works natively in its layout (no transposed copies of a tensor) and splits its work
 over batch x rows, so a batch of one still uses every thread; ``numba.set_num_threads`` is
-honoured. Small NCHW planes (a tile within :data:`NCHW_TILE_BYTES`, column stride 1) are the
-exception inside a task: one vector of planes at a time is transposed into a (pixel, channel)
+honoured. Small NCHW planes (a tile within :data:`NCHW_TILE_BYTES`, or
+:data:`NCHW_FILTER_TILE_BYTES` for backprop filter; column stride 1) are the exception inside a task: one vector of planes at a time is transposed into a (pixel, channel)
 tile in cache and computed as NHWC (:func:`_forward_nchw_tiled`,
 :func:`_backprop_filter_nchw_tiled`; backprop input without strides or a multiplier is the
 former on dy), since a 7- or 14-wide row leaves a vector along the width mostly overhead.
@@ -97,6 +97,12 @@ NCHW_STAGE_BYTES = 24 * 1024
 #: in this many bytes. Zen 5, forward against the row kernel: 7x7 planes 0.40, 14x14 0.68,
 #: 28x28 0.81, 37x37 (DeepLab's, dilated) 0.91; 58x58 (56x56 planes) 1.15, so left out.
 NCHW_TILE_BYTES = 128 * 1024
+
+#: Backprop filter takes tiles up to this size when the channels fill whole vectors: it
+#: transposes no results back. Zen 4 against the row kernel, 56x56 planes (tile 58x58):
+#: 64 channels 0.93, multiplier 2 0.82, dilation 2 0.74, 7x7 0.88; with padded vectors
+#: (40 channels 1.22, 24 channels 1.35) and 114x114 tiles (1.30) the rows stay faster.
+NCHW_FILTER_TILE_BYTES = 256 * 1024
 
 #: Output pixels (NHWC) or rows (NCHW) computed together by the micro-kernel.
 BLOCK = 8
@@ -2328,8 +2334,10 @@ def backprop_filter(x, dy, geom, out=None):
     else:
         xs, ys = _kernel_view(x, dtype), _kernel_view(dy, dtype)
         geo = (kh, kw, geom.stride_h, geom.stride_w, geom.dilation_h, geom.dilation_w, geom.pad_top, geom.pad_left)
+        tile_bytes = _nchw_tile_bytes(geom, geom.out_height, geom.out_width, geom.stride_h)
         tiled = (geom.data_format == "NCHW" and geom.stride_w == 1
-                 and _nchw_tile_bytes(geom, geom.out_height, geom.out_width, geom.stride_h) <= NCHW_TILE_BYTES)
+                 and (tile_bytes <= NCHW_TILE_BYTES
+                      or (tile_bytes <= NCHW_FILTER_TILE_BYTES and c % _lanes(acc) == 0)))
         if geom.data_format == "NHWC":
             lanes = _lanes(acc)
             cp = -(-cm // lanes) * lanes

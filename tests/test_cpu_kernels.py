@@ -160,6 +160,7 @@ def test_channel_groups_and_streaming_stores(op, fmt, monkeypatch):
     monkeypatch.setattr(cpu, "STAGE_BYTES", 1)
     monkeypatch.setattr(cpu, "NCHW_STAGE_BYTES", 1)  # NCHW: one block of rows per work unit
     monkeypatch.setattr(cpu, "NCHW_TILE_BYTES", 0)  # the row kernel, not channel tiles
+    monkeypatch.setattr(cpu, "NCHW_FILTER_TILE_BYTES", 0)
     monkeypatch.setattr(cpu, "STREAM_BYTES", 0)
     rng = np.random.default_rng(2)
     for dtype in (np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.float16)):
@@ -178,6 +179,7 @@ def test_nchw_forward_gathers_blocks_into_runs(run, stream, monkeypatch):
     also where the next block lies just behind the run, in the previous slice)."""
     monkeypatch.setattr(cpu, "RUN_ELEMENTS", run)
     monkeypatch.setattr(cpu, "NCHW_TILE_BYTES", 0)  # the row kernel, not channel tiles
+    monkeypatch.setattr(cpu, "NCHW_FILTER_TILE_BYTES", 0)
     monkeypatch.setattr(cpu, "STREAM_BYTES", 0 if stream else 1 << 40)
     rng = np.random.default_rng(7)
     for dtype in (np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.float16)):
@@ -276,6 +278,13 @@ def test_nchw_backprop_filter_through_channel_tiles(dtype, monkeypatch):
     assert len(calls) == len(cases)
     _check("backprop_filter", _make("NCHW", (1, 8, 9, 4), (3, 3, 4, 1), (1, 2), (1, 1)), dtype, rng)
     assert len(calls) == len(cases)
+    # tiles past NCHW_TILE_BYTES (up to NCHW_FILTER_TILE_BYTES) only where channels fill whole vectors
+    monkeypatch.setattr(cpu, "NCHW_TILE_BYTES", 0)
+    monkeypatch.setattr(cpu, "NCHW_FILTER_TILE_BYTES", 1 << 30)
+    for c, in_tiles in ((lanes, True), (2 * lanes, True), (lanes + 3, False), (5, False)):
+        before = len(calls)
+        _check("backprop_filter", _make("NCHW", (2, 9, 11, c), (3, 3, c, 2), (1, 1), (1, 1)), dtype, rng)
+        assert len(calls) == before + in_tiles, c
 
 
 @pytest.mark.parametrize("op", OPS)
@@ -286,6 +295,7 @@ def test_nchw_work_units_of_several_blocks(op, monkeypatch):
     Strides 1 and 2 and a dilated filter."""
     rng = np.random.default_rng(4)
     monkeypatch.setattr(cpu, "NCHW_TILE_BYTES", 0)  # the row kernel, not channel tiles
+    monkeypatch.setattr(cpu, "NCHW_FILTER_TILE_BYTES", 0)
     for strides, dilations in (((1, 1), (1, 1)), ((2, 1), (1, 1)), ((1, 2), (2, 1))):
         cfg = _make("NCHW", (2, 37 * strides[0], 20, 3), (3, 3, 3, 2), strides, dilations)
         sw, ow = strides[1], -(-20 // strides[1])  # SAME
