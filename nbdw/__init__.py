@@ -9,6 +9,7 @@ on disk. :class:`nbdw.layers.DepthwiseConv2D` is a Keras-style layer built on th
 """
 
 from . import layers  # the Keras-style layer: nbdw.layers.DepthwiseConv2D (compiles nothing on import)
+from .arrays import empty
 from .backends import BackendUnavailableError, available_backends
 from .ops import (
     depthwise_conv2d,
@@ -30,4 +31,5 @@ __all__ = [
     "depthwise_conv2d_native",
     "depthwise_conv2d_native_backprop_filter",
     "depthwise_conv2d_native_backprop_input",
+    "empty",
 ]

@@ -11,9 +11,50 @@ that work runs on a host copy and the result goes back to the device.
 
 from __future__ import annotations
 
+import math
+import operator
+
 import numpy as np
 
-__all__ = ["array_namespace", "kind_of", "ArrayKind"]
+__all__ = ["array_namespace", "kind_of", "ArrayKind", "empty"]
+
+#: Bytes of a cache line: the alignment the CPU kernels need to write results with non-temporal
+#: (cache-bypassing) stores.
+CACHE_LINE = 64
+
+
+def aligned_view(raw, shape, dtype):
+    """The C-contiguous ``(shape, dtype)`` array on the first cache line of the byte buffer
+    ``raw``, which holds at least its size plus :data:`CACHE_LINE` bytes."""
+    size = math.prod(shape) * dtype.itemsize
+    skip = -raw.ctypes.data % CACHE_LINE
+    return raw[skip:skip + size].view(dtype).reshape(shape)
+
+
+def empty(shape, dtype=np.float32):
+    """An uninitialised C-contiguous NumPy array whose data starts on a 64-byte boundary.
+
+    Pass it as an op's ``out``: the CPU backend writes large results into a cache-line-aligned
+    array with non-temporal stores, which do not read the old contents into the cache first.
+    NumPy's own large arrays start 16 bytes into a line, so they are written through the cache,
+    1.8x the time on a DRAM-bound forward (Zen 4, 32x112x112x32 float32: 6.6 against 3.6 ms).
+
+    >>> import numpy as np, nbdw
+    >>> out = nbdw.empty((8, 56, 56, 144), np.float32)
+    >>> out.ctypes.data % 64, out.flags.c_contiguous
+    (0, True)
+    """
+    try:
+        dtype = np.dtype(dtype)
+    except TypeError:
+        raise TypeError(f"dtype must be a NumPy dtype, got {dtype!r}") from None
+    try:
+        dims = (operator.index(shape),) if np.ndim(shape) == 0 else tuple(operator.index(d) for d in shape)
+    except TypeError:
+        raise TypeError(f"shape must be an int or a sequence of ints, got {shape!r}") from None
+    if any(d < 0 for d in dims):
+        raise ValueError(f"shape must not have negative dimensions, got {dims}")
+    return aligned_view(np.empty(math.prod(dims) * dtype.itemsize + CACHE_LINE, np.uint8), dims, dtype)
 
 
 def _is_cupy(a) -> bool:

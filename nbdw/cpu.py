@@ -74,7 +74,7 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic, overload
 
-from . import spec
+from . import arrays, spec
 from .simd import (prefetch, prefetch_write, store_fence, vadd, vbroadcast, vclamp, veven, vfma, vlanes, vload,
                    vload_lanes, vload_n, vodd, vrepeat2, vrepeat4, vrepeat8, vselect_lanes, vsplat, vstore, vstore_n,
                    vstream, vsum, vtranspose, vzero, vzip_hi, vzip_lo, VECTOR_BYTES, VECTOR_REGISTERS, vload_at,
@@ -2152,10 +2152,7 @@ def _empty_aligned(shape, dtype):
     """An uninitialised C-contiguous array whose data starts on a 64-byte boundary; large ones
     reuse the memory of a dropped earlier result (:class:`_ResultPool`)."""
     dtype = np.dtype(dtype)
-    size = math.prod(shape)
-    raw = _POOL.take(size * dtype.itemsize + 64)
-    skip = -raw.ctypes.data % 64
-    return raw[skip:skip + size * dtype.itemsize].view(dtype).reshape(shape)
+    return arrays.aligned_view(_POOL.take(math.prod(shape) * dtype.itemsize + arrays.CACHE_LINE), shape, dtype)
 
 
 def _stream(result):

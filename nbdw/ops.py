@@ -71,7 +71,8 @@ def depthwise_conv2d(input, filter, strides, padding, data_format=None, dilation
     backend : {"auto", "cpu", "cuda"}, keyword-only
         ``"auto"`` picks ``"cuda"`` for GPU arrays and ``"cpu"`` otherwise.
     out : array, optional, keyword-only
-        Preallocated output of the result's shape and dtype.
+        Preallocated output of the result's shape and dtype. On the CPU, a large result is
+        written fastest into a 64-byte-aligned array (:func:`nbdw.empty`; see its docstring).
 
     Returns
     -------

@@ -1,4 +1,5 @@
-"""The CPU backend's pool of large result buffers: memory is reused only once nothing refers to it."""
+"""The CPU backend's result memory: the pool of large result buffers (memory is reused only once
+nothing refers to it), and the cache-line-aligned ``out`` buffers of :func:`nbdw.empty`."""
 
 import numpy as np
 import pytest
@@ -61,3 +62,37 @@ def test_pool_limits(monkeypatch):
     monkeypatch.setenv("NBDW_RESULT_POOL_MB", "lots")
     with pytest.raises(ValueError, match="NBDW_RESULT_POOL_MB must be a number of MiB, got 'lots'"):
         cpu._ResultPool()
+
+
+@pytest.mark.parametrize("dtype", [np.float16, "bfloat16", np.float32, np.float64])
+def test_empty_gives_cache_line_aligned_arrays(dtype):
+    if dtype == "bfloat16":
+        dtype = pytest.importorskip("ml_dtypes").bfloat16
+    for shape in (5, (3,), (7, 9), (2, 13, 11, 3), np.array([4, 6])):
+        a = nbdw.empty(shape, dtype)
+        assert a.shape == tuple(np.atleast_1d(shape)) and a.dtype == np.dtype(dtype)
+        assert a.ctypes.data % 64 == 0 and a.flags.c_contiguous and a.flags.writeable
+
+
+def test_empty_as_out_is_written_directly_with_streaming_stores(inputs):
+    x, f = inputs
+    want = _forward(x, f)
+    out = nbdw.empty(want.shape, np.float32)
+    assert nbdw.depthwise_conv2d(x, f, [1, 1, 1, 1], "SAME", out=out) is out
+    np.testing.assert_array_equal(out, want)
+    # non-temporal stores need whole aligned lines: a NumPy array 16 bytes into a line gets none
+    assert cpu._stream(out) == (cpu.VECTOR_BYTES >= 64)
+    raw = nbdw.empty(want.size + 16, np.float32)
+    assert not cpu._stream(raw[4:4 + want.size].reshape(want.shape))
+
+
+@pytest.mark.parametrize("shape, dtype, error, words", [
+    ((-1, 2), np.float32, ValueError, "shape must not have negative dimensions, got (-1, 2)"),
+    ("ab", np.float32, TypeError, "shape must be an int or a sequence of ints, got 'ab'"),
+    ((2.5,), np.float32, TypeError, "shape must be an int or a sequence of ints, got (2.5,)"),
+    ((2,), "nonsense", TypeError, "dtype must be a NumPy dtype, got 'nonsense'"),
+])
+def test_empty_rejects_bad_arguments(shape, dtype, error, words):
+    with pytest.raises(error) as info:
+        nbdw.empty(shape, dtype)
+    assert words in str(info.value)
