@@ -1557,13 +1557,34 @@ def _stage_dy_rows_nchw(stage, flat, base, oh_, ow_, oh0, nrows, dst0, rowlen, s
 
 
 @njit(cache=True)
-def _bpi_phase_rows(h_, sh, r, span, rowlen, budget):
-    """Input rows of stride phase ``r`` (ih = r + sh * i, i < ni), the rows per block and the
-    rows per work unit (:func:`_chunk_rows`: consecutive i read consecutive staged dy rows, and
-    one i reads ``span`` of them)."""
+def _bpi_reach(r, pt, kh_, sh, dh):
+    """``(amin, amax)``: input row ``r + sh * i`` (row phase ``r``) reads dy rows ``i + amin`` to
+    ``i + amax``; ``amax < amin`` when no tap reaches the phase."""
+    amin = 1 << 62
+    amax = -amin
+    for kh in range(kh_):
+        u = r + pt - kh * dh
+        if u % sh == 0:
+            amin = min(amin, u // sh)
+            amax = max(amax, u // sh)
+    return amin, amax
+
+
+@njit(cache=True)
+def _bpi_rows(ua, ub, h_, sh, r):
+    """Rows ``[ia, ib)`` of row phase ``r`` that the work unit of rows ``[ua, ub)`` computes
+    (empty when the phase's rows end before ``ua``): at least one block, so a short run reaches
+    forward into the next unit's rows or, at the end of the plane, back into the previous one's."""
     ni = (h_ - r + sh - 1) // sh
     rb = _rows_per_block(ni)
-    return ni, rb, _chunk_rows(ni, rb, 1, span, rowlen, budget)
+    ib = min(ub, ni)
+    if ib <= ua:
+        return 0, 0
+    if ib - ua >= rb:
+        return ua, ib
+    if ua + rb <= ni:
+        return ua, ua + rb
+    return ni - rb, ni
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
@@ -1573,7 +1594,7 @@ def _backprop_input_nchw(dy, wts, dx, kh_, kw_, sh, sw, dh, dw, pt, pl, tasks, s
     Vectors run along the input width over ``dy`` rows upsampled by the column stride (zeros
     between columns, exact for a finite filter); input rows are taken by stride phase
     (ih = r + sh * i), so that eight consecutive i of one phase share one tap table. A work
-    unit is a run of such blocks of one plane and phase, whose ``dy`` rows are staged at once.
+    unit is a run of i of one plane, for every phase: the dy rows they read are staged once.
     """
     n_, cm, oh_, ow_ = dy.shape[0], dy.shape[1], dy.shape[2], dy.shape[3]
     c_, h_, w_ = dx.shape[1], dx.shape[2], dx.shape[3]
@@ -1583,14 +1604,19 @@ def _backprop_input_nchw(dy, wts, dx, kh_, kw_, sh, sw, dh, dw, pt, pl, tasks, s
     padu = max(0, (kw_ - 1) * dw - pl)
     # staged dy row: upsampled columns from padu on, whole vectors, room for reads past the end
     rowlen = (max(max(w_, L) + pl + L, sw * ((ow_ + L - 1) // L) * L) + padu + L - 1) // L * L
-    span = ((kh_ - 1) * dh) // sh + 1  # dy rows one input row can read
     phases = min(sh, h_)
-    per_plane = 0
-    maxrows = 0
+    alo = 1 << 62  # input rows i of every phase read dy rows i + alo to i + ahi
+    ahi = -alo
     for r in range(phases):
-        ni, rb, crows = _bpi_phase_rows(h_, sh, r, span, m_ * rowlen, budget)
-        per_plane += (ni + crows - 1) // crows
-        maxrows = max(maxrows, crows + span)
+        amin, amax = _bpi_reach(r, pt, kh_, sh, dh)
+        alo = min(alo, amin)
+        ahi = max(ahi, amax)
+    if ahi < alo:  # no tap reaches any input row
+        alo, ahi = 0, 0
+    ni0 = (h_ + sh - 1) // sh  # rows of phase 0, the most
+    crows = _chunk_rows(ni0, _rows_per_block(ni0), 1, ahi - alo + 1, m_ * rowlen, budget)
+    per_plane = (ni0 + crows - 1) // crows
+    maxrows = crows + ahi - alo + 2 * BLOCK  # a phase's short run reaches past the unit (_bpi_rows)
     units = n_ * c_ * per_plane
     flat_dy = dy.reshape(-1)
     flat_dx = dx.reshape(-1)
@@ -1601,112 +1627,110 @@ def _backprop_input_nchw(dy, wts, dx, kh_, kw_, sh, sw, dh, dw, pt, pl, tasks, s
         soff = np.empty(taps * m_, np.int64)
         woff = np.empty(taps * m_, np.int64)
         runs = np.empty((taps * m_, 4), np.int64)
+        table_r, table_a, table_rows = -1, 0, 0
+        t, nruns, slide, fixed = 0, 0, False, 0
         zero = vzero(wts)
-        table_r, table_rows, t, nruns, slide, fixed = -1, -1, 0, 0, False, 0
         for unit in range(u0, u1):
             plane = unit // per_plane
-            k = unit - plane * per_plane
             n = plane // c_
             c = plane - n * c_
-            r = 0
-            ni, rb, crows = _bpi_phase_rows(h_, sh, r, span, m_ * rowlen, budget)
-            while k >= (ni + crows - 1) // crows:
-                k -= (ni + crows - 1) // crows
-                r += 1
-                ni, rb, crows = _bpi_phase_rows(h_, sh, r, span, m_ * rowlen, budget)
-            ia = k * crows  # rows i in [ia, ib) of phase r
-            ib = min(ia + crows, ni)
-            if ib - ia < rb:
-                ia = ib - rb  # a short last unit overlaps the previous one
-            # taps of this row phase: input row r + sh * i reads dy row a_kh + i
-            amin = oh_ + h_
-            amax = -amin
-            for kh in range(kh_):
-                u = r + pt - kh * dh
-                if u % sh == 0:
-                    amin = min(amin, u // sh)
-                    amax = max(amax, u // sh)
-            ostep = sh * w_
-            direct = stream and rb >= 7 and _whole_lines(flat_dx, 0, w_)  # rows of whole lines
-            if amax < amin:  # no tap reaches these rows
-                for i in range(ia, ib):
-                    for iw in range(0, w_, L):
-                        _put(flat_dx, ((n * c_ + c) * h_ + r + sh * i) * w_ + iw, zero, w_ - iw)
-                continue
-            nrows = ib - ia + amax - amin
+            ua = (unit - plane * per_plane) * crows  # rows i in [ua, ub) of every phase
+            ub = min(ua + crows, ni0)
+            lo = 1 << 62  # dy rows lo .. hi, read by this unit's rows of every phase
+            hi = -lo
+            for r in range(phases):
+                ia, ib = _bpi_rows(ua, ub, h_, sh, r)
+                amin, amax = _bpi_reach(r, pt, kh_, sh, dh)
+                if ia < ib and amin <= amax:
+                    lo = min(lo, ia + amin)
+                    hi = max(hi, ib - 1 + amax)
+            nrows = max(0, hi - lo + 1)
             for q in range(m_):
-                _stage_dy_rows_nchw(stage, flat_dy, (n * cm + c * m_ + q) * oh_ * ow_, oh_, ow_, ia + amin, nrows,
+                _stage_dy_rows_nchw(stage, flat_dy, (n * cm + c * m_ + q) * oh_ * ow_, oh_, ow_, lo, nrows,
                                     q * nrows * rowlen, rowlen, sw, padu)
-            if r != table_r or nrows != table_rows:  # the tap table depends on the phase and unit size only
-                table_r, table_rows = r, nrows
-                t = 0
-                for q in range(m_):
-                    for kw in range(kw_):
-                        for kh in range(kh_ - 1, -1, -1):  # dy rows ascend: runs when dh == sh
-                            u = r + pt - kh * dh
-                            if u % sh != 0:
-                                continue
-                            soff[t] = (q * nrows + u // sh - amin) * rowlen + pl - kw * dw + padu
-                            woff[t] = q * taps + kh * kw_ + kw
-                            t += 1
-                nruns = _runs(soff, woff, t, rowlen, runs)
-                slide = SLIDE and 2 * nruns <= t
-                fixed = _run_length(runs, nruns)
-            wb = c * m_ * taps
             # prefetch the dy rows after the staged ones (the next unit's, or the next plane's first
             # ones at the end of this plane) while this unit computes
             plane_dy = oh_ * ow_
-            pf = plane * m_ * plane_dy + (ia + amin + nrows) * ow_
+            pf = plane * m_ * plane_dy + max(0, lo + nrows) * ow_
             if pf >= (plane * m_ + 1) * plane_dy:
                 pf = (plane + 1) * m_ * plane_dy
             pf_end = min(pf + m_ * nrows * ow_, dy.size) if unit + 1 < u1 else pf
-            per = _per_call(dy, pf, pf_end, (ib - ia + rb - 1) // rb * ((w_ + L - 1) // L))
-            i0 = ia
-            while i0 < ib:
-                if i0 + rb > ib:
-                    i0 = ib - rb  # the last block overlaps the previous one
-                so = (i0 - ia) * rowlen
-                obase = ((n * c_ + c) * h_ + r + sh * i0) * w_
-                iw = 0
-                while iw < w_:
-                    pf = _prefetch_some(dy, pf, pf_end, per)
-                    count = w_ - iw
-                    if count < L and w_ >= L:
-                        iw = w_ - L
-                        count = L
-                    if rb == BLOCK:
-                        if slide:
-                            res = _slide(stage, so + iw, rowlen, runs, nruns, wts, wb, True, 8, fixed)
+            per = _per_call(dy, pf, pf_end, phases * ((ub - ua + BLOCK - 1) // BLOCK) * ((w_ + L - 1) // L))
+            for r in range(phases):
+                ia, ib = _bpi_rows(ua, ub, h_, sh, r)
+                if ia == ib:
+                    continue
+                rb = _rows_per_block((h_ - r + sh - 1) // sh)
+                amin, amax = _bpi_reach(r, pt, kh_, sh, dh)
+                if amax < amin:  # no tap reaches these rows
+                    for i in range(ia, ib):
+                        for iw in range(0, w_, L):
+                            _put(flat_dx, ((n * c_ + c) * h_ + r + sh * i) * w_ + iw, zero, w_ - iw)
+                    continue
+                if r != table_r or ia - lo != table_a or nrows != table_rows:  # the table depends on these only
+                    table_r, table_a, table_rows = r, ia - lo, nrows
+                    t = 0
+                    for q in range(m_):
+                        for kw in range(kw_):
+                            for kh in range(kh_ - 1, -1, -1):  # dy rows ascend: runs when dh == sh
+                                u = r + pt - kh * dh
+                                if u % sh != 0:
+                                    continue
+                                soff[t] = (q * nrows + u // sh + ia - lo) * rowlen + pl - kw * dw + padu
+                                woff[t] = q * taps + kh * kw_ + kw
+                                t += 1
+                    nruns = _runs(soff, woff, t, rowlen, runs)
+                    slide = SLIDE and 2 * nruns <= t
+                    fixed = _run_length(runs, nruns)
+                wb = c * m_ * taps
+                ostep = sh * w_
+                direct = stream and rb >= 7 and _whole_lines(flat_dx, 0, w_)  # rows of whole lines
+                i0 = ia
+                while i0 < ib:
+                    if i0 + rb > ib:
+                        i0 = ib - rb  # the last block overlaps the previous one
+                    so = (i0 - ia) * rowlen
+                    obase = ((n * c_ + c) * h_ + r + sh * i0) * w_
+                    iw = 0
+                    while iw < w_:
+                        pf = _prefetch_some(dy, pf, pf_end, per)
+                        count = w_ - iw
+                        if count < L and w_ >= L:
+                            iw = w_ - L
+                            count = L
+                        if rb == BLOCK:
+                            if slide:
+                                res = _slide(stage, so + iw, rowlen, runs, nruns, wts, wb, True, 8, fixed)
+                            else:
+                                res = _mac8(stage, so + iw, rowlen, soff, wts, woff, wb, t, True)
+                            if direct:  # line-aligned rows: straight to dx, bypassing the caches
+                                _store8(flat_dx, obase + iw, ostep, res, count, True, zero, False, zero, zero, False)
+                            else:  # whole vectors: a short row's extra lanes land on the next row, stored after it
+                                _store8(obuf, iw, w_, res, L, False, zero, False, zero, zero, False)
+                        elif rb == 7:  # 7k rows in this phase: blocks of seven, none overlapping
+                            if slide:
+                                res = _slide(stage, so + iw, rowlen, runs, nruns, wts, wb, True, 7, fixed)
+                            else:
+                                res = _mac8(stage, so + iw, rowlen, soff, wts, woff, wb, t, True, 7)
+                            if direct:
+                                _store8(flat_dx, obase + iw, ostep, res, count, True, zero, False, zero, zero, False, 7)
+                            else:
+                                _store8(obuf, iw, w_, res, L, False, zero, False, zero, zero, False, 7)
+                        elif rb == 4:
+                            r4 = _mac8(stage, so + iw, rowlen, soff, wts, woff, wb, t, True, 4)
+                            for b in range(4):
+                                _put(obuf, b * w_ + iw, r4[b], count)
                         else:
-                            res = _mac8(stage, so + iw, rowlen, soff, wts, woff, wb, t, True)
-                        if direct:  # line-aligned rows: straight to dx, bypassing the caches
-                            _store8(flat_dx, obase + iw, ostep, res, count, True, zero, False, zero, zero, False)
-                        else:  # whole vectors: a short row's extra lanes land on the next row, stored after it
-                            _store8(obuf, iw, w_, res, L, False, zero, False, zero, zero, False)
-                    elif rb == 7:  # 7k rows in this phase: blocks of seven, none overlapping
-                        if slide:
-                            res = _slide(stage, so + iw, rowlen, runs, nruns, wts, wb, True, 7, fixed)
-                        else:
-                            res = _mac8(stage, so + iw, rowlen, soff, wts, woff, wb, t, True, 7)
-                        if direct:
-                            _store8(flat_dx, obase + iw, ostep, res, count, True, zero, False, zero, zero, False, 7)
-                        else:
-                            _store8(obuf, iw, w_, res, L, False, zero, False, zero, zero, False, 7)
-                    elif rb == 4:
-                        r4 = _mac8(stage, so + iw, rowlen, soff, wts, woff, wb, t, True, 4)
-                        for b in range(4):
-                            _put(obuf, b * w_ + iw, r4[b], count)
+                            _put(obuf, iw, _mac1(stage, so + iw, soff, wts, woff, wb, t, True), count)
+                        iw += L
+                    if direct:
+                        pass
+                    elif sh == 1:  # the block's rows are consecutive in dx: one copy, no masked tail per row
+                        _copy_out(flat_dx, obase, obuf, 0, rb * w_, stream and _whole_lines(flat_dx, obase, rb * w_))
                     else:
-                        _put(obuf, iw, _mac1(stage, so + iw, soff, wts, woff, wb, t, True), count)
-                    iw += L
-                if direct:
-                    pass
-                elif sh == 1:  # the block's rows are consecutive in dx: one copy, no masked tail per row
-                    _copy_out(flat_dx, obase, obuf, 0, rb * w_, stream and _whole_lines(flat_dx, obase, rb * w_))
-                else:
-                    for b in range(rb):
-                        _copy_out(flat_dx, obase + b * ostep, obuf, b * w_, w_, False)
-                i0 += rb
+                        for b in range(rb):
+                            _copy_out(flat_dx, obase + b * ostep, obuf, b * w_, w_, False)
+                    i0 += rb
         if stream:
             store_fence()
 

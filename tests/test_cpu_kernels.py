@@ -287,6 +287,25 @@ def test_nchw_backprop_filter_through_channel_tiles(dtype, monkeypatch):
         assert len(calls) == before + in_tiles, c
 
 
+def test_nchw_backprop_input_row_phases_share_work_units(monkeypatch):
+    """NCHW backprop input with a row stride: a work unit computes its rows of every row phase
+    from dy rows staged once. Units of one block each (a tiny stage budget), where a phase's run
+    is shorter than its block: it reaches forward into the next unit's rows (27 rows, stride 2:
+    phases of 14 rows in sevens and 13 in eights) or back at the end of the plane (29 rows), and
+    strides 3 with phases no tap reaches (1x1 filter)."""
+    assert cpu._bpi_rows.py_func(0, 7, 27, 2, 1) == (0, 8)  # forward
+    assert cpu._bpi_rows.py_func(8, 15, 29, 2, 1) == (7, 14)  # back
+    assert cpu._bpi_rows.py_func(7, 14, 27, 2, 1) == (5, 13)  # back, at the end of the plane
+    assert cpu._bpi_rows.py_func(14, 15, 29, 2, 1) == (0, 0)  # phase 1 ended in the previous unit
+    monkeypatch.setattr(cpu, "NCHW_STAGE_BYTES", 1)
+    monkeypatch.setattr(cpu, "_tasks", lambda units: max(1, min(units, 3)))
+    rng = np.random.default_rng(21)
+    for h, fshape, strides, dilations in ((27, (3, 3, 2, 1), (2, 2), (1, 1)), (29, (3, 3, 2, 2), (2, 1), (1, 1)),
+                                          (31, (5, 3, 2, 1), (3, 2), (2, 1)), (25, (1, 1, 2, 1), (3, 3), (1, 1))):
+        for dtype in (np.dtype(np.float32), np.dtype(np.float16)):
+            _check("backprop_input", _make("NCHW", (2, h, 19, 2), fshape, strides, dilations), dtype, rng)
+
+
 @pytest.mark.parametrize("op", OPS)
 def test_nchw_work_units_of_several_blocks(op, monkeypatch):
     """NCHW work units of two 8-row blocks over 37 output rows: three units, the last one short
