@@ -3,7 +3,8 @@
 Every kernel works natively in its layout (no transposed copies of a tensor) and splits its work
 over batch x rows, so a batch of one still uses every thread; ``numba.set_num_threads`` is
 honoured. Small NCHW planes (a tile within :data:`NCHW_TILE_BYTES`, or
-:data:`NCHW_FILTER_TILE_BYTES` for backprop filter; column stride 1) are the exception inside a task: one vector of planes at a time is transposed into a (pixel, channel)
+:data:`NCHW_FILTER_TILE_BYTES` for backprop filter; column stride 1) are the exception
+inside a task: one vector of planes at a time is transposed into a (pixel, channel)
 tile in cache and computed as NHWC (:func:`_forward_nchw_tiled`,
 :func:`_backprop_filter_nchw_tiled`; backprop input without strides or a multiplier is the
 former on dy), since a 7- or 14-wide row leaves a vector along the width mostly overhead.
