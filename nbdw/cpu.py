@@ -1573,19 +1573,20 @@ def _bpi_reach(r, pt, kh_, sh, dh):
 
 @njit(cache=True)
 def _bpi_rows(ua, ub, h_, sh, r):
-    """Rows ``[ia, ib)`` of row phase ``r`` that the work unit of rows ``[ua, ub)`` computes
-    (empty when the phase's rows end before ``ua``): at least one block, so a short run reaches
-    forward into the next unit's rows or, at the end of the plane, back into the previous one's."""
+    """``(ia, ib, rb)``: rows ``[ia, ib)`` of row phase ``r`` that the work unit of rows
+    ``[ua, ub)`` computes, ``rb`` rows to a block (empty when the phase's rows end before ``ua``):
+    at least one block, so a short run reaches forward into the next unit's rows or, at the end of
+    the plane, back into the previous one's."""
     ni = (h_ - r + sh - 1) // sh
     rb = _rows_per_block(ni)
     ib = min(ub, ni)
     if ib <= ua:
-        return 0, 0
+        return 0, 0, rb
     if ib - ua >= rb:
-        return ua, ib
+        return ua, ib, rb
     if ua + rb <= ni:
-        return ua, ua + rb
-    return ni - rb, ni
+        return ua, ua + rb, rb
+    return ni - rb, ni, rb
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
@@ -1640,7 +1641,7 @@ def _backprop_input_nchw(dy, wts, dx, kh_, kw_, sh, sw, dh, dw, pt, pl, tasks, s
             lo = 1 << 62  # dy rows lo .. hi, read by this unit's rows of every phase
             hi = -lo
             for r in range(phases):
-                ia, ib = _bpi_rows(ua, ub, h_, sh, r)
+                ia, ib, _ = _bpi_rows(ua, ub, h_, sh, r)
                 amin, amax = _bpi_reach(r, pt, kh_, sh, dh)
                 if ia < ib and amin <= amax:
                     lo = min(lo, ia + amin)
@@ -1658,10 +1659,9 @@ def _backprop_input_nchw(dy, wts, dx, kh_, kw_, sh, sw, dh, dw, pt, pl, tasks, s
             pf_end = min(pf + m_ * nrows * ow_, dy.size) if unit + 1 < u1 else pf
             per = _per_call(dy, pf, pf_end, phases * ((ub - ua + BLOCK - 1) // BLOCK) * ((w_ + L - 1) // L))
             for r in range(phases):
-                ia, ib = _bpi_rows(ua, ub, h_, sh, r)
+                ia, ib, rb = _bpi_rows(ua, ub, h_, sh, r)
                 if ia == ib:
                     continue
-                rb = _rows_per_block((h_ - r + sh - 1) // sh)
                 amin, amax = _bpi_reach(r, pt, kh_, sh, dh)
                 if amax < amin:  # no tap reaches these rows
                     for i in range(ia, ib):
@@ -2356,10 +2356,11 @@ def backprop_filter(x, dy, geom, out=None):
     else:
         xs, ys = _kernel_view(x, dtype), _kernel_view(dy, dtype)
         geo = (kh, kw, geom.stride_h, geom.stride_w, geom.dilation_h, geom.dilation_w, geom.pad_top, geom.pad_left)
-        tile_bytes = _nchw_tile_bytes(geom, geom.out_height, geom.out_width, geom.stride_h)
-        tiled = (geom.data_format == "NCHW" and geom.stride_w == 1
-                 and (tile_bytes <= NCHW_TILE_BYTES
-                      or (tile_bytes <= NCHW_FILTER_TILE_BYTES and c % _lanes(acc) == 0)))
+        tiled = geom.data_format == "NCHW" and geom.stride_w == 1
+        if tiled:
+            tile_bytes = _nchw_tile_bytes(geom, geom.out_height, geom.out_width, geom.stride_h)
+            tiled = (tile_bytes <= NCHW_TILE_BYTES
+                     or (tile_bytes <= NCHW_FILTER_TILE_BYTES and c % _lanes(acc) == 0))
         if geom.data_format == "NHWC":
             lanes = _lanes(acc)
             cp = -(-cm // lanes) * lanes

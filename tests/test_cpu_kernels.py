@@ -293,10 +293,10 @@ def test_nchw_backprop_input_row_phases_share_work_units(monkeypatch):
     is shorter than its block: it reaches forward into the next unit's rows (27 rows, stride 2:
     phases of 14 rows in sevens and 13 in eights) or back at the end of the plane (29 rows), and
     strides 3 with phases no tap reaches (1x1 filter)."""
-    assert cpu._bpi_rows.py_func(0, 7, 27, 2, 1) == (0, 8)  # forward
-    assert cpu._bpi_rows.py_func(8, 15, 29, 2, 1) == (7, 14)  # back
-    assert cpu._bpi_rows.py_func(7, 14, 27, 2, 1) == (5, 13)  # back, at the end of the plane
-    assert cpu._bpi_rows.py_func(14, 15, 29, 2, 1) == (0, 0)  # phase 1 ended in the previous unit
+    assert cpu._bpi_rows.py_func(0, 7, 27, 2, 1) == (0, 8, 8)  # forward
+    assert cpu._bpi_rows.py_func(8, 15, 29, 2, 1) == (7, 14, 7)  # back
+    assert cpu._bpi_rows.py_func(7, 14, 27, 2, 1) == (5, 13, 8)  # back, at the end of the plane
+    assert cpu._bpi_rows.py_func(14, 15, 29, 2, 1) == (0, 0, 7)  # phase 1 ended in the previous unit
     monkeypatch.setattr(cpu, "NCHW_STAGE_BYTES", 1)
     monkeypatch.setattr(cpu, "_tasks", lambda units: max(1, min(units, 3)))
     rng = np.random.default_rng(21)
